@@ -1,0 +1,100 @@
+"""The command line, run as users run it: real subprocesses of `python -m tl_keras.main`."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from conftest import CLASS_NAMES, REPO, make_examples
+
+
+def run_cli(*args, timeout=600):
+    env = dict(os.environ, PYTHONPATH=REPO)
+    return subprocess.run([sys.executable, "-m", "tl_keras.main", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def tiny_tfds_dir(tmp_path_factory):
+    """A real prepared TFDS dataset on disk, so the CLI's TFDS path runs offline."""
+    data_dir = tmp_path_factory.mktemp("tfds")
+
+    def split(n, seed):
+        images, labels = make_examples(n, seed)
+        return tf.data.Dataset.from_tensor_slices({"image": images, "label": labels})
+
+    tfds.dataset_builders.store_as_tfds_dataset(
+        name="tiny_shapes", version="1.0.0", data_dir=str(data_dir),
+        features=tfds.features.FeaturesDict({
+            "image": tfds.features.Image(shape=(32, 32, 3)),
+            "label": tfds.features.ClassLabel(names=CLASS_NAMES)}),
+        split_datasets={"train": split(24, 0), "test": split(8, 1)})
+    return str(data_dir)
+
+
+def _one_line_error(result, *expected):
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    for text in expected:
+        assert text in lines[0]
+
+
+def test_bad_value_is_one_line(tmp_path):
+    result = run_cli("--flagfile=configs/smoke.flags", "--image_size=16", "--weights=none",
+                     f"--model_dir={tmp_path}/run")
+    _one_line_error(result, "image_size", "Received: image_size=16")
+
+
+def test_unknown_flag_is_one_line():
+    _one_line_error(run_cli("--flagfile=configs/smoke.flags", "--no_such_flag=3"), "no_such_flag")
+
+
+def test_missing_flagfile_is_one_line():
+    _one_line_error(run_cli("--flagfile=configs/missing.flags"), "missing.flags")
+
+
+def test_bad_enum_is_one_line():
+    _one_line_error(run_cli("--flagfile=configs/smoke.flags", "--distribution_strategy=magic"),
+                    "distribution_strategy", "magic")
+
+
+def test_unknown_dataset_is_one_line(tmp_path, tiny_tfds_dir):
+    result = run_cli("--flagfile=configs/smoke.flags", "--weights=none", "--dataset=no_such_set",
+                     f"--data_dir={tiny_tfds_dir}", f"--model_dir={tmp_path}/run")
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert "Received: dataset=no_such_set" in result.stderr.strip().splitlines()[-1]
+
+
+def test_end_to_end_train_then_evaluate_and_export(tmp_path, tiny_tfds_dir):
+    model_dir = tmp_path / "run"
+    common = ["--flagfile=configs/smoke.flags", "--dataset=tiny_shapes", f"--data_dir={tiny_tfds_dir}",
+              "--backbone=tiny", "--weights=none", "--fine_tune_at=block3_conv1", "--batch_size=4",
+              "--steps_per_epoch=1", "--eval_steps=1", "--head_units=8", f"--model_dir={model_dir}"]
+    result = run_cli(*common)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((model_dir / "metrics.json").read_text())
+    assert {"head", "finetune"} <= set(metrics)
+    saved = tf.saved_model.load(str(model_dir / "export" / "1"))
+    images, _ = make_examples(2, seed=3)
+    out = saved.signatures["serving_default"](images=tf.constant(images))
+    assert out["probabilities"].shape == (2, 3)
+    assert set(n.decode() for n in out["class_names"].numpy()) <= set(CLASS_NAMES)
+    # flags.txt repeats the run's settings as a flagfile.
+    flags_txt = (model_dir / "flags.txt").read_text()
+    assert "--dataset=tiny_shapes" in flags_txt and "--batch_size=4" in flags_txt
+
+    evaluated = run_cli(f"--flagfile={model_dir}/flags.txt", "--mode=evaluate")
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert "test" in json.loads((model_dir / "metrics.json").read_text())
+    exported = run_cli(f"--flagfile={model_dir}/flags.txt", "--mode=export")
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    assert (model_dir / "export" / "2" / "saved_model.pb").exists()
+    np.testing.assert_array_equal(sorted(os.listdir(model_dir / "export")), ["1", "2"])

@@ -1,0 +1,171 @@
+"""The two phases on a tiny backbone: what trains when, strategies, outputs and the export."""
+
+import json
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from tensorboard.backend.event_processing import event_accumulator
+
+from tl_keras import models
+from tl_keras import train
+from tl_keras.errors import UserError
+
+from conftest import make_examples, make_splits
+
+
+def _weights(layer):
+    return [w.numpy().copy() for w in layer.weights]
+
+
+def _same(a, b):
+    return all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
+class PhaseRecorder:
+    """Wraps train_head / fine_tune to snapshot weights and trainable counts between phases."""
+
+    def __init__(self, monkeypatch):
+        self.snapshots = {}
+        real_head, real_tune = train.train_head, train.fine_tune
+
+        def head(model, *args, **kwargs):
+            self.snapshots["before_head"] = self._snap(model)
+            result = real_head(model, *args, **kwargs)
+            self.snapshots["after_head"] = self._snap(model)
+            return result
+
+        def tune(model, *args, **kwargs):
+            result = real_tune(model, *args, **kwargs)
+            self.snapshots["after_finetune"] = self._snap(model)
+            return result
+
+        monkeypatch.setattr(train, "train_head", head)
+        monkeypatch.setattr(train, "fine_tune", tune)
+
+    @staticmethod
+    def _snap(model):
+        backbone = model.get_layer("backbone")
+        return {
+            "trainable": len(model.trainable_weights),
+            "layers": {layer.name: _weights(layer) for layer in backbone.layers if layer.weights},
+            "head": _weights(model.get_layer("predictions")),
+        }
+
+
+@pytest.mark.parametrize("cache_features", ["false", "true"])
+def test_phases_train_the_right_weights(make_config, tiny_splits, monkeypatch, cache_features):
+    recorder = PhaseRecorder(monkeypatch)
+    config = make_config(cache_features=cache_features, finetune_learning_rate=1e-2,
+                         finetune_warmup_epochs=0, steps_per_epoch=2)
+    train.run(config, splits=tiny_splits)
+    before, after_head, after_tune = (recorder.snapshots[k] for k in
+                                      ("before_head", "after_head", "after_finetune"))
+    # Phase 1: the head moved, the backbone is bit-identical.
+    assert not _same(before["head"], after_head["head"])
+    for name, weights in before["layers"].items():
+        assert _same(weights, after_head["layers"][name]), name
+    # Phase 2: more trainable weights; below fine_tune_at unchanged, from it upward changed.
+    assert after_tune["trainable"] > after_head["trainable"]
+    assert _same(after_head["layers"]["block1_conv1"], after_tune["layers"]["block1_conv1"])
+    assert not _same(after_head["layers"]["block2_conv1"], after_tune["layers"]["block2_conv1"])
+    assert not _same(after_head["layers"]["block3_conv1"], after_tune["layers"]["block3_conv1"])
+
+
+def test_outputs_in_model_dir(make_config, tiny_splits):
+    config = make_config()
+    metrics = train.run(config, splits=tiny_splits)
+    files = set(os.listdir(config.model_dir))
+    assert {"logs", "flags.txt", "metrics.json", "labels.txt", "export", "checkpoints"} <= files
+    written = json.load(open(os.path.join(config.model_dir, "metrics.json")))
+    for phase in ("head", "finetune"):
+        assert set(written[phase]) >= {"test_accuracy", "test_top5_accuracy", "wall_seconds"}
+        assert 0.0 <= written[phase]["test_accuracy"] <= 1.0
+        assert written[phase]["wall_seconds"] > 0
+    assert written["export_path"] == metrics["export_path"] == os.path.join(config.model_dir, "export", "1")
+    labels = open(os.path.join(config.model_dir, "labels.txt")).read().split()
+    assert labels == tiny_splits.class_names
+
+
+def _scalars(log_dir):
+    acc = event_accumulator.EventAccumulator(log_dir, size_guidance={event_accumulator.TENSORS: 0})
+    acc.Reload()
+    return {tag: [(e.step, float(tf.make_ndarray(e.tensor_proto))) for e in acc.Tensors(tag)]
+            for tag in acc.Tags()["tensors"]}
+
+
+def test_tensorboard_has_continuous_curves_and_learning_rate(make_config, tiny_splits):
+    config = make_config(head_epochs=2, finetune_epochs=2, finetune_learning_rate=1e-3)
+    train.run(config, splits=tiny_splits)
+    logs = os.path.join(config.model_dir, "logs")
+    train_scalars = _scalars(os.path.join(logs, "train"))
+    validation_scalars = _scalars(os.path.join(logs, "validation"))
+    for tag in ("epoch_loss", "epoch_accuracy", "epoch_learning_rate"):
+        assert [step for step, _ in train_scalars[tag]] == [0, 1, 2, 3], tag
+    for tag in ("epoch_loss", "epoch_accuracy"):
+        assert [step for step, _ in validation_scalars[tag]] == [0, 1, 2, 3], tag
+    learning_rates = [value for _, value in train_scalars["epoch_learning_rate"]]
+    assert learning_rates[0] == pytest.approx(config.head_learning_rate)
+    assert max(learning_rates[2:]) <= config.finetune_learning_rate + 1e-9
+
+
+def test_both_phases_under_mirrored_strategy(make_config, mirrored_strategy):
+    splits = make_splits(num_train=16, validation_split=0.25)
+    config = make_config(steps_per_epoch=2)
+    metrics = train.run(config, strategy=mirrored_strategy, splits=splits)
+    assert mirrored_strategy.num_replicas_in_sync == 2
+    assert {"head", "finetune", "export_path"} <= set(metrics)
+
+
+def test_batch_must_divide_across_replicas(make_config, tiny_splits, mirrored_strategy):
+    with pytest.raises(UserError, match="Received: batch_size=5"):
+        train.run(make_config(batch_size=5), strategy=mirrored_strategy, splits=tiny_splits)
+
+
+def test_export_matches_keras_model(make_config, tiny_splits):
+    config = make_config()
+    export_path = train.run(config, splits=tiny_splits)["export_path"]
+    model = models.build_classifier("tiny", 32, 3, "none", head_units=(8,))
+    model.load_weights(os.path.join(config.model_dir, "checkpoints", "latest.weights.h5"))
+    images, _ = make_examples(5, seed=9, size=40)  # Another size: the signature resizes.
+    expected = model.predict(models.get_preprocessing("tiny", 32)(images), verbose=0)
+    served = tf.saved_model.load(export_path).signatures["serving_default"](images=tf.constant(images))
+    assert np.max(np.abs(served["probabilities"].numpy() - expected)) <= 1e-5
+    np.testing.assert_array_equal(served["classes"].numpy(), expected.argmax(1))
+    names = [name.decode() for name in served["class_names"].numpy()]
+    assert names == [tiny_splits.class_names[i] for i in expected.argmax(1)]
+
+
+def test_evaluate_and_export_modes_reuse_the_run(make_config, tiny_splits):
+    train.run(make_config(), splits=tiny_splits)
+    evaluated = train.run(make_config(mode="evaluate"), splits=tiny_splits)
+    assert 0.0 <= evaluated["test"]["test_accuracy"] <= 1.0
+    exported = train.run(make_config(mode="export"), splits=tiny_splits)
+    assert exported["export_path"].endswith(os.path.join("export", "2"))
+
+
+def test_evaluate_without_training_is_a_user_error(make_config, tiny_splits):
+    with pytest.raises(UserError, match="train first"):
+        train.run(make_config(mode="evaluate"), splits=tiny_splits)
+
+
+def test_cached_head_matches_uncached_training(make_config):
+    """Same seed, same data, no augmentation: cached features give the same head accuracy."""
+    splits = make_splits(num_train=64, num_test=32, validation_split=0.25, seed=5)
+    results = {}
+    for cache in ("false", "true"):
+        config = make_config(model_dir=make_config().model_dir + cache, cache_features=cache,
+                             head_epochs=3, finetune_epochs=0, steps_per_epoch=None, batch_size=8,
+                             head_learning_rate=1e-2)
+        results[cache] = train.run(config, splits=splits)["head"]["test_accuracy"]
+    assert abs(results["true"] - results["false"]) <= 0.01 + 1e-9
+
+
+def test_model_dir_that_cannot_be_created_is_a_user_error(make_config, tiny_splits, tmp_path):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("keep me")
+    with pytest.raises(UserError, match="model_dir"):
+        train.run(make_config(model_dir=str(blocker / "run")), splits=tiny_splits)
+    assert blocker.read_text() == "keep me"

@@ -1,0 +1,201 @@
+"""Frozen backbone outputs, computed once and read back every epoch instead of recomputed.
+
+While layers are frozen (and in inference mode) their output for a given image is fixed, so both
+phases can train only the layers above a boundary on stored activations:
+- phase 1 stores pooled features (512 floats an image for VGG16) and trains the head on them;
+- phase 2 stores the output of the layers below --fine_tune_at and trains the rest.
+With flip augmentation both orientations are stored, so the cached path stays exact.
+
+Arrays live as .npy files under model_dir/feature_cache/KEY/ and are memory-mapped, so a cache
+larger than RAM still works (the OS pages it in). KEY hashes everything the values depend on, so a
+stale cache is never read; files appear only once complete, so a resumed run reuses them.
+"""
+
+import hashlib
+import json
+import os
+import time
+
+from absl import logging
+import keras
+import numpy as np
+import tensorflow as tf
+
+FORMAT_VERSION = 1
+ORIENTATIONS = {False: "", True: "_flipped"}
+
+
+def cache_key(**parts) -> str:
+    """A short hash of every input the cached values depend on."""
+    text = json.dumps({"format": FORMAT_VERSION, **parts}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def weights_fingerprint(weights: str) -> str:
+    """Named weights as is; a weights file by content, so a replaced file invalidates the cache."""
+    if weights in ("imagenet", "none"):
+        return weights
+    digest = hashlib.sha256()
+    with open(weights, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class FeatureCache:
+    """Stored activations of one run, by (boundary layer, split, orientation)."""
+
+    def __init__(self, directory: str, key_parts: dict):
+        self.directory = os.path.join(directory, cache_key(**key_parts))
+        self._key_parts = key_parts
+
+    def path(self, boundary: str, split: str, flipped: bool = False) -> str:
+        return os.path.join(self.directory, f"{boundary}.{split}{ORIENTATIONS[flipped]}.npy")
+
+    def labels_path(self, split: str) -> str:
+        return os.path.join(self.directory, f"labels.{split}.npy")
+
+    def get(self, boundaries: list, split: str, flipped: bool, extractor: keras.Model, batches,
+            num_examples: int) -> list:
+        """Activations at each boundary (the extractor's outputs, in order), extracted in one pass
+        (with a progress bar) unless all are stored already."""
+        paths = [self.path(b, split, flipped) for b in boundaries]
+        if all(os.path.exists(p) for p in paths) and os.path.exists(self.labels_path(split)):
+            arrays = [np.load(p, mmap_mode="r") for p in paths]
+            if all(a.shape[0] == num_examples for a in arrays):
+                logging.info("Reusing cached %s activations for %s%s.", "+".join(boundaries), split,
+                             ORIENTATIONS[flipped])
+                return arrays
+        logging.info("Computing %s activations for %d %s%s examples.", "+".join(boundaries),
+                     num_examples, split, ORIENTATIONS[flipped])
+        os.makedirs(self.directory, exist_ok=True)
+        with open(os.path.join(self.directory, "key.json"), "w") as f:
+            json.dump(self._key_parts, f, indent=2, sort_keys=True, default=str)
+        labels = _extract(extractor, batches, num_examples, paths)
+        _save_atomically(self.labels_path(split), labels)
+        return [np.load(p, mmap_mode="r") for p in paths]
+
+    def labels(self, split: str) -> np.ndarray:
+        return np.load(self.labels_path(split))
+
+
+def _extract(extractor: keras.Model, batches, num_examples: int, paths: list) -> np.ndarray:
+    """Stream the extractor's outputs into .npy files; return the integer labels seen on the way."""
+    outputs = extractor.outputs
+    tmps = [p[: -len(".npy")] + ".tmp.npy" for p in paths]
+    outs = [np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32,
+                                      shape=(num_examples,) + tuple(o.shape[1:]))
+            for tmp, o in zip(tmps, outputs)]
+    labels = np.empty(num_examples, dtype=np.int64)
+    progress = _Progress(num_examples, os.path.basename(paths[0]).split(".")[1])
+    done = 0
+    for inputs, one_hot in batches:
+        values = extractor.predict_on_batch(inputs)
+        values = values if isinstance(values, (list, tuple)) else [values]
+        n = min(len(values[0]), num_examples - done)
+        for out, value in zip(outs, values):
+            out[done:done + n] = np.asarray(value)[:n]
+        labels[done:done + n] = np.argmax(one_hot[:n], axis=-1)
+        done += n
+        progress.update(done)
+    if done != num_examples:
+        raise RuntimeError(f"Expected {num_examples} examples for {paths[0]}, got {done}.")
+    for out, tmp, path in zip(outs, tmps, paths):
+        out.flush()
+        del out
+        os.replace(tmp, path)
+    return labels
+
+
+class _Progress:
+    """A text progress bar in the log, every 10%: extraction of a large split takes minutes."""
+
+    def __init__(self, total: int, name: str):
+        self.total, self.name, self.start, self.next = total, name, time.time(), 0.1
+
+    def update(self, done: int):
+        if done < self.total * self.next and done < self.total:
+            return
+        while self.next <= done / self.total:
+            self.next += 0.1
+        fraction = done / self.total
+        rate = done / max(time.time() - self.start, 1e-9)
+        bar = "#" * int(20 * fraction) + "." * (20 - int(20 * fraction))
+        logging.info("%s [%s] %3.0f%% %d/%d images, %.0f img/s", self.name, bar, 100 * fraction, done,
+                     self.total, rate)
+
+
+def _save_atomically(path: str, array: np.ndarray):
+    tmp = path[: -len(".npy")] + ".tmp.npy"
+    np.save(tmp, array)
+    os.replace(tmp, path)
+
+
+def train_dataset(features: np.ndarray, labels: np.ndarray, num_classes: int, batch_size: int,
+                  seed: int, flipped: np.ndarray | None = None) -> tf.data.Dataset:
+    """Endless shuffled batches from stored activations; with `flipped`, each example's orientation
+    is drawn at random every epoch, exactly like image-level random flips."""
+    n = len(labels)
+    indices = tf.data.Dataset.range(n).shuffle(n, seed=seed, reshuffle_each_iteration=True)
+    seeds = tf.data.Dataset.random(seed=seed + 1, rerandomize_each_iteration=True).batch(2)
+    ds = tf.data.Dataset.zip(indices.batch(batch_size), seeds)
+    read = _reader(features, labels, flipped)
+
+    def gather(idx, seed_pair):
+        flip = tf.random.stateless_uniform(tf.shape(idx), seed_pair) < 0.5
+        return read(idx, flip)
+
+    ds = ds.map(gather, num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.map(_finish(features.shape[1:], num_classes)).repeat().prefetch(tf.data.AUTOTUNE)
+
+
+def eval_dataset(features: np.ndarray, labels: np.ndarray, num_classes: int,
+                 batch_size: int) -> tf.data.Dataset:
+    """Batches in stored order, for validation and test."""
+    read = _reader(features, labels)
+    ds = tf.data.Dataset.range(len(labels)).batch(batch_size)
+    ds = ds.map(lambda idx: read(idx, None), num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.map(_finish(features.shape[1:], num_classes)).prefetch(tf.data.AUTOTUNE)
+
+
+# Arrays up to this size are read into memory and gathered inside the tf.data graph; larger ones
+# stay memory-mapped and are read batch by batch, so memory stays bounded.
+IN_MEMORY_BYTES = 1 << 30
+
+
+def _reader(features, labels, flipped=None):
+    """A graph function (indices, flip mask) -> (activations, labels)."""
+    if features.nbytes * (1 if flipped is None else 2) <= IN_MEMORY_BYTES:
+        tensors = [tf.constant(np.asarray(a)) for a in (features, labels)]
+        mirrored = None if flipped is None else tf.constant(np.asarray(flipped))
+
+        def read_in_memory(idx, flip):
+            batch = tf.gather(tensors[0], idx)
+            if mirrored is not None and flip is not None:
+                mask = tf.reshape(flip, [-1] + [1] * (len(features.shape) - 1))
+                batch = tf.where(mask, tf.gather(mirrored, idx), batch)
+            return batch, tf.gather(tensors[1], idx)
+        return read_in_memory
+
+    def read_mapped(idx, *flip):
+        order = np.argsort(idx)  # Sorted reads are faster on a memory map.
+        idx = idx[order]
+        batch = np.asarray(features[idx], dtype=np.float32)
+        if flip and flipped is not None:
+            chosen = flip[0][order]
+            if chosen.any():
+                batch[chosen] = flipped[idx[chosen]]
+        return batch, labels[idx]
+
+    def read(idx, flip):
+        args = [idx] if flip is None else [idx, flip]
+        return tf.numpy_function(read_mapped, args, [tf.float32, tf.int64], stateful=False)
+    return read
+
+
+def _finish(feature_shape, num_classes):
+    def fn(batch, labels):
+        batch.set_shape((None,) + tuple(feature_shape))
+        labels.set_shape((None,))
+        return batch, tf.one_hot(tf.cast(labels, tf.int32), num_classes)
+    return fn

@@ -1,0 +1,197 @@
+"""tf.data pipelines: raw (image, label) examples in, preprocessed batches out. No model code."""
+
+import dataclasses
+import math
+
+from absl import logging
+import numpy as np
+import tensorflow as tf
+
+from tl_keras.errors import UserError, first_line
+
+AUTOTUNE = tf.data.AUTOTUNE
+SHUFFLE_BUFFER = 10_000
+
+
+@dataclasses.dataclass
+class Splits:
+    """Raw examples: (uint8 image [H, W, 3], int label) pairs, unbatched and unpreprocessed.
+
+    Tests and other data sources can build one directly and pass it to train.run.
+    """
+
+    train: tf.data.Dataset
+    test: tf.data.Dataset
+    class_names: list
+    num_train: int
+    num_test: int
+    validation: tf.data.Dataset | None = None
+    num_validation: int = 0
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def load_tfds(
+    name: str,
+    data_dir: str | None,
+    train_split: str,
+    test_split: str,
+    validation_split: float,
+    seed: int,
+) -> Splits:
+    """Load a TFDS image-classification dataset, downloading it if it is not prepared yet."""
+    import tensorflow_datasets as tfds  # Heavy, and only this loader needs it.
+
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError:
+        raise UserError(f"--dataset is not a known TFDS dataset. Received: dataset={name}") from None
+    try:
+        builder.download_and_prepare()
+    except Exception as e:  # Offline, a download fails with many error types; all mean the same here.
+        raise UserError(
+            f"Could not download or prepare TFDS dataset '{name}' ({first_line(e)}). To run offline, "
+            f"pass --data_dir=DIR where DIR/{name}/ holds a prepared copy. Received: data_dir={data_dir}"
+        ) from None
+    image_key, label_key = builder.info.supervised_keys or ("image", "label")
+    class_names = list(builder.info.features[label_key].names)
+
+    def load(split):
+        try:
+            ds = builder.as_dataset(split=split, shuffle_files=False)
+        except (ValueError, KeyError) as e:
+            raise UserError(f"Bad split for {name} ({first_line(e)}). Received: split={split}") from None
+        ds = ds.map(lambda ex: (ex[image_key], ex[label_key]), num_parallel_calls=AUTOTUNE)
+        return ds, _num_examples(builder.info, split, ds)
+
+    train, num_train = load(train_split)
+    test, num_test = load(test_split)
+    splits = Splits(train=train, test=test, class_names=class_names, num_train=num_train, num_test=num_test)
+    if validation_split > 0:
+        splits = hold_out_validation(splits, validation_split, seed)
+    logging.info("Dataset %s: %d train, %d validation, %d test examples, %d classes.", name,
+                 splits.num_train, splits.num_validation, splits.num_test, splits.num_classes)
+    return splits
+
+
+def _num_examples(info, split: str, ds: tf.data.Dataset) -> int:
+    """Split size from the dataset info, else cardinality, else by counting (mock data has no splits)."""
+    try:
+        return int(info.splits[split].num_examples)
+    except (KeyError, ValueError):
+        pass
+    cardinality = int(ds.cardinality())
+    if cardinality >= 0:
+        return cardinality
+    return int(ds.reduce(0, lambda count, _: count + 1))
+
+
+def hold_out_validation(splits: Splits, fraction: float, seed: int) -> Splits:
+    """Move a seeded random `fraction` of train into validation; the same seed gives the same split."""
+    n = splits.num_train
+    num_validation = max(1, round(n * fraction))
+    if num_validation >= n:
+        raise UserError(
+            f"--validation_split leaves no training examples out of {n}. Received: validation_split={fraction}"
+        )
+    is_validation = np.zeros(n, dtype=bool)
+    is_validation[np.random.default_rng(seed).permutation(n)[:num_validation]] = True
+    mask = tf.constant(is_validation)
+
+    def pick(keep_validation):
+        ds = splits.train.enumerate().filter(lambda i, _: tf.gather(mask, i) == keep_validation)
+        return ds.map(lambda _, example: example)
+
+    return dataclasses.replace(
+        splits,
+        train=pick(False).apply(tf.data.experimental.assert_cardinality(n - num_validation)),
+        num_train=n - num_validation,
+        validation=pick(True).apply(tf.data.experimental.assert_cardinality(num_validation)),
+        num_validation=num_validation,
+    )
+
+
+def preprocess_and_cache(examples: tf.data.Dataset, preprocess) -> tf.data.Dataset:
+    """Apply the deterministic part of preprocessing once and cache it in memory.
+
+    The cache holds whichever is smaller: images that would be enlarged are cached before resizing
+    (CIFAR-10 at 224 px would otherwise need 30 GB), all others after preprocessing.
+    """
+    def apply(image, label):
+        return preprocess(image), label
+
+    image_shape = examples.element_spec[0].shape
+    target = preprocess(tf.zeros([8, 8, 3], tf.uint8)).shape
+    upscaling = image_shape.is_fully_defined() and image_shape[0] * image_shape[1] < target[0] * target[1]
+    if upscaling:
+        return examples.cache().map(apply, num_parallel_calls=AUTOTUNE)
+    return examples.map(apply, num_parallel_calls=AUTOTUNE).cache()
+
+
+def augment_image(image: tf.Tensor, seed: tf.Tensor, augment: str = "flip_translate") -> tf.Tensor:
+    """Random horizontal flip and, for flip_translate, a random shift of up to 1/8 of the side."""
+    flip_seed, crop_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    image = tf.image.stateless_random_flip_left_right(image, flip_seed)
+    if augment != "flip_translate":
+        return image
+    pad = max(1, image.shape[0] // 8)
+    padded = tf.pad(image, [[pad, pad], [pad, pad], [0, 0]], mode="REFLECT")
+    cropped = tf.image.stateless_random_crop(padded, tf.shape(image), crop_seed)
+    cropped.set_shape(image.shape)
+    return cropped
+
+
+def build_train_dataset(
+    examples: tf.data.Dataset,
+    preprocess,
+    batch_size: int,
+    num_classes: int,
+    augment: str,
+    seed: int,
+) -> tf.data.Dataset:
+    """Endless training batches: preprocess, cache, shuffle, augment, batch, prefetch.
+
+    Batching before repeat keeps epochs aligned with steps_per_epoch = ceil(n / batch_size).
+    """
+    ds = preprocess_and_cache(examples, preprocess)
+    ds = ds.shuffle(SHUFFLE_BUFFER, seed=seed, reshuffle_each_iteration=True)
+    if augment != "none":
+        # Per-example stateless seeds: reproducible for a seed, different every epoch.
+        seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+        ds = tf.data.Dataset.zip(ds, seeds).map(
+            lambda example, s: (augment_image(example[0], s, augment), example[1]),
+            num_parallel_calls=AUTOTUNE)
+    ds = ds.map(one_hot(num_classes), num_parallel_calls=AUTOTUNE)
+    return ds.batch(batch_size).repeat().prefetch(AUTOTUNE)
+
+
+def build_eval_dataset(examples: tf.data.Dataset, preprocess, batch_size: int, num_classes: int,
+                       flip: bool = False, cache: bool = True):
+    """Deterministic batches in a fixed order, with the same preprocessing as training.
+
+    flip=True mirrors every image (the flipped half of a feature cache); cache=False suits one pass.
+    """
+    if cache:
+        ds = preprocess_and_cache(examples, preprocess)
+    else:
+        ds = examples.map(lambda image, label: (preprocess(image), label), num_parallel_calls=AUTOTUNE)
+    if flip:
+        ds = ds.map(lambda image, label: (tf.image.flip_left_right(image), label),
+                    num_parallel_calls=AUTOTUNE)
+    ds = ds.map(one_hot(num_classes), num_parallel_calls=AUTOTUNE)
+    return ds.batch(batch_size).prefetch(AUTOTUNE)
+
+
+def steps_for(num_examples: int, batch_size: int, cap: int | None = None) -> int:
+    steps = max(1, math.ceil(num_examples / batch_size))
+    return min(steps, cap) if cap else steps
+
+
+def one_hot(num_classes):
+    # One-hot labels, because only the categorical loss supports label smoothing.
+    def fn(image, label):
+        return image, tf.one_hot(tf.cast(label, tf.int32), num_classes)
+    return fn
+
