@@ -91,3 +91,11 @@ def _parse_units(values):
                 f"--head_units must be a comma-separated list of integers. Received: head_units={item}"
             ) from None
     return units
+
+# Benchmark (python -m tl_keras.bench) only.
+flags.DEFINE_integer("bench_examples", 10_000, "Training examples the benchmark uses.")
+flags.DEFINE_string("bench_json", "bench.json", "Where the benchmark writes its JSON results.")
+flags.DEFINE_integer("bench_plain_epochs", 1,
+                     "Epochs of the plain recipe actually run; its phase-1 time is scaled to "
+                     "--head_epochs from their mean (it is the slow side).")
+flags.DEFINE_integer("bench_phase2_steps", 20, "Timed phase-2 train steps (after 3 warm-up steps).")

@@ -123,7 +123,8 @@ def train_head(model: keras.Model, phase: PhaseData, config: Config, strategy, t
     start = time.time()
     with strategy.scope():
         models.freeze_backbone(model)
-        _compile(phase.model, config.head_learning_rate, config, model.output.shape[-1])
+        _compile(phase.model, config.head_learning_rate, config, model.output.shape[-1],
+                 steps_per_execution(train_steps) if phase.model is not model else 1)
     logging.info("Phase 1 (head): %d trainable weights, %d epochs, training %s.",
                  len(model.trainable_weights), config.head_epochs, phase.model.name)
     callbacks = callbacks_lib.build_callbacks(model, config.model_dir)
@@ -263,9 +264,17 @@ def evaluate(model: keras.Model, test: tf.data.Dataset, steps: int | None = None
     }
 
 
-def _compile(model: keras.Model, learning_rate, config: Config, num_classes: int):
+def steps_per_execution(train_steps: int, limit: int = 16) -> int:
+    """Steps per tf.function call for the tiny head on cached features, where per-step overhead
+    dominates. A divisor of train_steps, because Keras rounds each epoch up to a multiple of it."""
+    return max(d for d in range(1, limit + 1) if train_steps % d == 0)
+
+
+def _compile(model: keras.Model, learning_rate, config: Config, num_classes: int,
+             steps_per_execution: int = 1):
     """Always a fresh optimizer: a changed trainable set must never reuse stale optimizer slots."""
     model.compile(
+        steps_per_execution=steps_per_execution,
         optimizer=keras.optimizers.Adam(learning_rate),
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
         metrics=[
