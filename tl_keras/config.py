@@ -9,6 +9,14 @@ from tl_keras.errors import UserError
 MODES = ("train", "evaluate", "export")
 STRATEGIES = ("auto", "default", "one_device", "mirrored")
 CACHE_FEATURES = ("auto", "true", "false")
+CHECKPOINTS = ("latest", "best")
+# Settings a resumed run may change: where things are and how the run is driven, not what it trains.
+RESUME_MAY_CHANGE = frozenset({
+    "model_dir", "data_dir", "mode", "checkpoint", "overwrite", "save_every_steps",
+    "distribution_strategy", "log_every_steps", "profile_steps", "eval_steps",
+})
+# Settings that define the model's architecture; evaluate, export and predict need them unchanged.
+ARCHITECTURE = frozenset({"backbone", "image_size", "head_units", "head_batchnorm", "dataset"})
 AUGMENTATIONS = ("none", "flip", "flip_translate")
 
 
@@ -43,6 +51,10 @@ class Config:
     steps_per_epoch: int | None = None
     eval_steps: int | None = None
     mode: str = "train"
+    checkpoint: str = "latest"
+    overwrite: bool = False
+    save_every_steps: int | None = None
+    deterministic: bool = False
 
     def __post_init__(self):
         self.validate()
@@ -109,6 +121,10 @@ class Config:
         if self.cache_features not in CACHE_FEATURES:
             _fail(f"--cache_features must be one of {', '.join(CACHE_FEATURES)}",
                   cache_features=self.cache_features)
+        if self.checkpoint not in CHECKPOINTS:
+            _fail(f"--checkpoint must be one of {', '.join(CHECKPOINTS)}", checkpoint=self.checkpoint)
+        if self.save_every_steps is not None and self.save_every_steps < 1:
+            _fail("--save_every_steps must be positive when set", save_every_steps=self.save_every_steps)
         if not self.fine_tune_at:
             _fail("--fine_tune_at must be a backbone layer name or 'all'", fine_tune_at=self.fine_tune_at)
 
@@ -126,6 +142,23 @@ class Config:
             else:
                 lines.append(f"--{field.name}={value}")
         return "\n".join(lines) + "\n"
+
+
+def differences(saved: dict, config: Config, fields) -> list[str]:
+    """'name: old -> new' for each of `fields` where a saved run's settings differ from `config`."""
+    current = dataclasses.asdict(config)
+    diffs = []
+    for name in sorted(fields):
+        old, new = saved.get(name), current.get(name)
+        if isinstance(old, list):
+            old = tuple(old)
+        if name in saved and old != new:
+            diffs.append(f"{name}: {_show(old)} -> {_show(new)}")
+    return diffs
+
+
+def _show(value):
+    return _csv(value) if isinstance(value, tuple) else value
 
 
 def _csv(values) -> str:

@@ -132,21 +132,24 @@ def _save_atomically(path: str, array: np.ndarray):
 
 
 def train_dataset(features: np.ndarray, labels: np.ndarray, num_classes: int, batch_size: int,
-                  seed: int, flipped: np.ndarray | None = None) -> tf.data.Dataset:
+                  seed: int, flipped: np.ndarray | None = None, start_epoch: int = 0,
+                  skip_steps: int = 0, steps_per_epoch: int | None = None) -> tf.data.Dataset:
     """Endless shuffled batches from stored activations; with `flipped`, each example's orientation
-    is drawn at random every epoch, exactly like image-level random flips."""
+    is drawn at random every epoch, exactly like image-level random flips. Order and flips depend
+    only on (seed, epoch), so a resumed run sees the batches an uninterrupted one would."""
     n = len(labels)
-    indices = tf.data.Dataset.range(n).shuffle(n, seed=seed, reshuffle_each_iteration=True)
-    seeds = tf.data.Dataset.random(seed=seed + 1, rerandomize_each_iteration=True).batch(2)
-    ds = tf.data.Dataset.zip(indices.batch(batch_size), seeds)
     read = _reader(features, labels, flipped)
 
-    def gather(idx, seed_pair):
-        flip = tf.random.stateless_uniform(tf.shape(idx), seed_pair) < 0.5
-        return read(idx, flip)
+    def epoch_batches(epoch):
+        epoch_seed = tf.stack([tf.cast(seed, tf.int64), epoch])
+        order = tf.random.experimental.stateless_shuffle(tf.range(n, dtype=tf.int64), epoch_seed)
+        flips = tf.random.stateless_uniform([n], epoch_seed + [0, 2**40]) < 0.5
+        batches = tf.data.Dataset.from_tensor_slices((order, flips)).batch(batch_size)
+        return batches.take(steps_per_epoch or -1)
 
-    ds = ds.map(gather, num_parallel_calls=tf.data.AUTOTUNE)
-    return ds.map(_finish(features.shape[1:], num_classes)).repeat().prefetch(tf.data.AUTOTUNE)
+    ds = tf.data.Dataset.range(start_epoch, 2**62).flat_map(epoch_batches).skip(skip_steps)
+    ds = ds.map(read, num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.map(_finish(features.shape[1:], num_classes)).prefetch(tf.data.AUTOTUNE)
 
 
 def eval_dataset(features: np.ndarray, labels: np.ndarray, num_classes: int,

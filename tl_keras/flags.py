@@ -15,6 +15,16 @@ _DEFAULTS = config_lib.Config(model_dir="unused")
 flags.DEFINE_string("model_dir", None, "Run directory: logs/, checkpoints/, metrics.json, export/.")
 flags.DEFINE_enum("mode", _DEFAULTS.mode, config_lib.MODES,
                   "train: both phases, evaluate and export. evaluate / export: reuse a trained model_dir.")
+flags.DEFINE_enum("checkpoint", _DEFAULTS.checkpoint, config_lib.CHECKPOINTS,
+                  "Which checkpoint --mode=evaluate/export loads: the last epoch, or the best validation "
+                  "accuracy.")
+flags.DEFINE_boolean("overwrite", _DEFAULTS.overwrite,
+                     "Start fresh in a model_dir that holds a run (default: resume it, or do nothing "
+                     "if it finished).")
+flags.DEFINE_integer("save_every_steps", None,
+                     "Also save resumable state every N train steps inside an epoch (default: each epoch).")
+flags.DEFINE_boolean("deterministic", _DEFAULTS.deterministic,
+                     "Enable TensorFlow op determinism: the same seed gives the same run, resumed or not.")
 
 # Data.
 flags.DEFINE_string("dataset", _DEFAULTS.dataset, "TFDS image-classification dataset name.")

@@ -150,21 +150,34 @@ def build_train_dataset(
     num_classes: int,
     augment: str,
     seed: int,
+    start_epoch: int = 0,
+    skip_steps: int = 0,
+    steps_per_epoch: int | None = None,
 ) -> tf.data.Dataset:
-    """Endless training batches: preprocess, cache, shuffle, augment, batch, prefetch.
+    """Endless training batches: preprocess, cache, then per epoch shuffle, augment and batch.
 
-    Batching before repeat keeps epochs aligned with steps_per_epoch = ceil(n / batch_size).
+    Each epoch's order and augmentation depend only on (seed, epoch, example), so a run resumed at
+    (start_epoch, skip_steps) sees exactly the batches an uninterrupted run would have seen.
+    Batching inside the epoch keeps epochs aligned with steps_per_epoch = ceil(n / batch_size); a
+    smaller steps_per_epoch cuts every epoch short, so epochs stay aligned with fit()'s.
     """
-    ds = preprocess_and_cache(examples, preprocess)
-    ds = ds.shuffle(SHUFFLE_BUFFER, seed=seed, reshuffle_each_iteration=True)
-    if augment != "none":
-        # Per-example stateless seeds: reproducible for a seed, different every epoch.
-        seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
-        ds = tf.data.Dataset.zip(ds, seeds).map(
-            lambda example, s: (augment_image(example[0], s, augment), example[1]),
-            num_parallel_calls=AUTOTUNE)
-    ds = ds.map(one_hot(num_classes), num_parallel_calls=AUTOTUNE)
-    return ds.batch(batch_size).repeat().prefetch(AUTOTUNE)
+    cached = preprocess_and_cache(examples, preprocess).enumerate()
+
+    def epoch_batches(epoch):
+        ds = cached.shuffle(SHUFFLE_BUFFER, seed=epoch_seed(seed, epoch))
+        if augment != "none":
+            ds = ds.map(lambda index, example: (index, (augment_image(
+                example[0], tf.stack([epoch_seed(seed, epoch), index]), augment), example[1])),
+                num_parallel_calls=AUTOTUNE)
+        return ds.map(lambda _, example: example).batch(batch_size).take(steps_per_epoch or -1)
+
+    ds = tf.data.Dataset.range(start_epoch, 2**62).flat_map(epoch_batches).skip(skip_steps)
+    return ds.map(one_hot_batch(num_classes), num_parallel_calls=AUTOTUNE).prefetch(AUTOTUNE)
+
+
+def epoch_seed(seed, epoch):
+    """A seed for one epoch's randomness, as an int64 tensor."""
+    return tf.cast(seed, tf.int64) * 1_000_003 + tf.cast(epoch, tf.int64)
 
 
 def build_eval_dataset(examples: tf.data.Dataset, preprocess, batch_size: int, num_classes: int,
@@ -187,6 +200,12 @@ def build_eval_dataset(examples: tf.data.Dataset, preprocess, batch_size: int, n
 def steps_for(num_examples: int, batch_size: int, cap: int | None = None) -> int:
     steps = max(1, math.ceil(num_examples / batch_size))
     return min(steps, cap) if cap else steps
+
+
+def one_hot_batch(num_classes):
+    def fn(images, labels):
+        return images, tf.one_hot(tf.cast(labels, tf.int32), num_classes)
+    return fn
 
 
 def one_hot(num_classes):

@@ -1,10 +1,16 @@
-"""The training job: strategy, data, phase 1 (head), phase 2 (fine-tune), evaluation and export."""
+"""The training job: strategy, data, phase 1 (head), phase 2 (fine-tune), evaluation and export.
+
+A run is resumable: rerunning the same command with the same --model_dir carries on from the last
+saved state (see checkpointing.py), in whichever phase it stopped.
+"""
 
 import dataclasses
 import json
 import math
 import os
+import shutil
 import time
+from typing import Callable
 
 from absl import logging
 import keras
@@ -12,6 +18,8 @@ import tensorflow as tf
 
 from tl_keras import backbones
 from tl_keras import callbacks as callbacks_lib
+from tl_keras import checkpointing
+from tl_keras import config as config_lib
 from tl_keras import distribute
 from tl_keras import export as export_lib
 from tl_keras import feature_cache
@@ -21,20 +29,37 @@ from tl_keras.config import Config
 from tl_keras.errors import UserError
 
 METRICS_FILE = "metrics.json"
+CONFIG_FILE = "config.json"
 # --cache_features=auto skips phase 2's cache above this size (CIFAR-10 at 32 px from block4: 1.7 GB).
 MAX_AUTO_CACHE_BYTES = 8 << 30
+# What --overwrite removes; the feature cache stays, since its key guards against stale use.
+RUN_OUTPUTS = ("checkpoints", "logs", "export", "eval", METRICS_FILE, CONFIG_FILE, "flags.txt")
 
 
 @dataclasses.dataclass
 class Data:
-    """Batched pipelines and their step counts, built once and shared by both phases."""
+    """Pipelines and step counts, built once and shared by both phases.
+
+    `train(start_epoch, skip_steps)` builds the endless training stream from that point on.
+    """
 
     splits: input_pipeline.Splits
-    train: tf.data.Dataset
+    train: Callable[[int, int], tf.data.Dataset]
     validation: tf.data.Dataset | None
     test: tf.data.Dataset
     train_steps: int
     eval_steps: int | None
+
+
+@dataclasses.dataclass
+class PhaseData:
+    """What one phase's fit() trains and on what: the classifier on images, or, with a feature
+    cache, only the layers above a frozen boundary on stored activations."""
+
+    model: keras.Model
+    train: Callable[[int, int], tf.data.Dataset]
+    validation: tf.data.Dataset | None
+    test: tf.data.Dataset
 
 
 def run(config: Config, strategy: tf.distribute.Strategy | None = None,
@@ -47,7 +72,15 @@ def run(config: Config, strategy: tf.distribute.Strategy | None = None,
     strategy = strategy or distribute.get_strategy(config.distribution_strategy)
     distribute.check_batch_size(config.batch_size, strategy)
     _prepare_model_dir(config)
+    if config.deterministic:
+        tf.config.experimental.enable_op_determinism()
     keras.utils.set_random_seed(config.seed)
+    if config.mode == "train":
+        state = checkpointing.load_state(config.model_dir)
+        if state is not None and state.phase == "done":
+            logging.info("The run in %s has finished; nothing to do. Pass --overwrite to start fresh.",
+                         config.model_dir)
+            return _read_metrics(config.model_dir)
     if splits is None:
         splits = input_pipeline.load_tfds(
             config.dataset, config.data_dir, config.train_split, config.test_split,
@@ -70,94 +103,124 @@ def run(config: Config, strategy: tf.distribute.Strategy | None = None,
 def build_data(config: Config, splits: input_pipeline.Splits) -> Data:
     preprocess = models.get_preprocessing(config.backbone, config.image_size)
     batch, classes = config.batch_size, splits.num_classes
+
+    steps = input_pipeline.steps_for(splits.num_train, batch, config.steps_per_epoch)
+
+    def train(start_epoch: int = 0, skip_steps: int = 0):
+        return input_pipeline.build_train_dataset(
+            splits.train, preprocess, batch, classes, config.augment, config.seed, start_epoch, skip_steps,
+            steps)
+
     return Data(
         splits=splits,
-        train=input_pipeline.build_train_dataset(
-            splits.train, preprocess, batch, classes, config.augment, config.seed),
+        train=train,
         validation=(input_pipeline.build_eval_dataset(splits.validation, preprocess, batch, classes)
                     if splits.validation is not None else None),
         test=input_pipeline.build_eval_dataset(splits.test, preprocess, batch, classes),
-        train_steps=input_pipeline.steps_for(splits.num_train, batch, config.steps_per_epoch),
+        train_steps=steps,
         eval_steps=config.eval_steps,
     )
 
 
-@dataclasses.dataclass
-class PhaseData:
-    """What one phase's fit() trains and on what: the classifier on images, or, with a feature
-    cache, only the layers above a frozen boundary on stored activations."""
-
-    model: keras.Model
-    train: tf.data.Dataset
-    validation: tf.data.Dataset | None
-    test: tf.data.Dataset
-
-
 def train_and_export(config: Config, strategy, data: Data) -> dict:
+    """Both phases, then the export, each skipped if a previous attempt already finished it."""
+    state = checkpointing.load_state(config.model_dir) or checkpointing.RunState(
+        phase="head" if config.head_epochs else "finetune")
+    if state.save_id or state.epoch:
+        logging.info("Resuming %s: phase %s, %d epochs and %d steps done.", config.model_dir, state.phase,
+                     state.epoch, state.step)
+        callbacks_lib.trim_logs(os.path.join(config.model_dir, "logs"), state.epoch)
     with strategy.scope():
         model = models.build_classifier(
             config.backbone, config.image_size, data.splits.num_classes, config.weights,
             config.head_units, config.head_batchnorm, config.dropout)
+        if state.save_id:
+            checkpointing.restore(config.model_dir, state, model)
     cache = _open_feature_cache(config, data) if use_feature_cache(config) else None
-    metrics = {}
-    best = -math.inf
-    if config.head_epochs:
+    metrics = _read_metrics(config.model_dir)
+
+    if state.phase == "head":
         phase = _head_phase_data(model, config, strategy, data, cache)
-        metrics["head"], best = train_head(model, phase, config, strategy, data.train_steps)
-        _update_metrics(config.model_dir, metrics)
-    if config.finetune_epochs:
+        metrics["head"] = train_head(model, phase, config, strategy, data.train_steps, state)
+        _update_metrics(config.model_dir, {"head": metrics["head"]})
+        state.phase, state.step = ("finetune" if config.finetune_epochs else "export"), 0
+        checkpointing.save_state(config.model_dir, state)
+    if state.phase == "finetune":
         phase = _finetune_phase_data(model, config, strategy, data, cache)
-        metrics["finetune"], best = fine_tune(model, phase, config, strategy, data.train_steps, best)
-        _update_metrics(config.model_dir, metrics)
-    callbacks_lib.save_weights_atomically(
-        model, os.path.join(config.model_dir, "checkpoints", callbacks_lib.LATEST))
-    metrics["export_path"] = export_lib.export_saved_model(
-        model, os.path.join(config.model_dir, "export"),
-        models.get_preprocessing(config.backbone, config.image_size), data.splits.class_names)
-    _update_metrics(config.model_dir, metrics)
+        metrics["finetune"] = fine_tune(model, phase, config, strategy, data.train_steps, state)
+        _update_metrics(config.model_dir, {"finetune": metrics["finetune"]})
+        state.phase, state.step = "export", 0
+        checkpointing.save_state(config.model_dir, state)
+    if state.phase == "export":
+        if not state.export_dir:
+            state.export_dir = export_lib.next_version_dir(os.path.join(config.model_dir, "export"))
+            checkpointing.save_state(config.model_dir, state)
+        callbacks_lib.save_weights_atomically(
+            model, os.path.join(checkpointing.checkpoint_dir(config.model_dir), callbacks_lib.LATEST))
+        metrics["export_path"] = export_lib.export_saved_model(
+            model, os.path.join(config.model_dir, "export"),
+            models.get_preprocessing(config.backbone, config.image_size), data.splits.class_names,
+            version_dir=state.export_dir)
+        _update_metrics(config.model_dir, {"export_path": metrics["export_path"]})
+        state.phase = "done"
+        checkpointing.save_state(config.model_dir, state)
     return metrics
 
 
-def train_head(model: keras.Model, phase: PhaseData, config: Config, strategy, train_steps: int):
-    """Phase 1: backbone frozen, only the head learns. Returns (phase metrics, best val accuracy)."""
+def train_head(model: keras.Model, phase: PhaseData, config: Config, strategy, train_steps: int,
+               state: checkpointing.RunState) -> dict:
+    """Phase 1: backbone frozen, only the head learns. Returns the phase's test metrics."""
     start = time.time()
     with strategy.scope():
         models.freeze_backbone(model)
-        _compile(phase.model, config.head_learning_rate, config, model.output.shape[-1],
-                 steps_per_execution(train_steps) if phase.model is not model else 1)
+        per_call = (_steps_per_execution(train_steps, state.step, config.save_every_steps)
+                    if phase.model is not model else 1)
+        _compile(phase.model, config.head_learning_rate, config, model.output.shape[-1], per_call)
+        if state.epoch or state.step:
+            checkpointing.restore(config.model_dir, state, model, phase.model)
     logging.info("Phase 1 (head): %d trainable weights, %d epochs, training %s.",
                  len(model.trainable_weights), config.head_epochs, phase.model.name)
-    callbacks = callbacks_lib.build_callbacks(model, config.model_dir)
-    phase.model.fit(phase.train, epochs=config.head_epochs, steps_per_epoch=train_steps,
-                    validation_data=phase.validation, validation_steps=config.eval_steps,
-                    callbacks=callbacks, shuffle=False, verbose=2)
-    metrics = evaluate(phase.model, phase.test, config.eval_steps)
-    metrics["wall_seconds"] = round(time.time() - start, 2)
-    logging.info("Phase 1 test accuracy %.4f (top-5 %.4f) after %.0f s.", metrics["test_accuracy"],
-                 metrics["test_top5_accuracy"], metrics["wall_seconds"])
-    return metrics, callbacks[-1].best_value
+    _fit(model, phase, config, train_steps, state, end_epoch=config.head_epochs)
+    return _phase_metrics(phase, config, start, "Phase 1")
 
 
 def fine_tune(model: keras.Model, phase: PhaseData, config: Config, strategy, train_steps: int,
-              best: float = -math.inf):
+              state: checkpointing.RunState) -> dict:
     """Phase 2: unfreeze from fine_tune_at, recompile with a fresh, low, warmed-up cosine schedule."""
     start = time.time()
     with strategy.scope():
         models.unfreeze_backbone(model, config.fine_tune_at)
         _compile(phase.model, finetune_schedule(config, train_steps), config, model.output.shape[-1])
+        if state.epoch > config.head_epochs or (state.epoch == config.head_epochs and state.step):
+            checkpointing.restore(config.model_dir, state, model, phase.model)
     logging.info("Phase 2 (fine-tune): %d trainable weights, %d epochs from %s, training %s.",
                  len(model.trainable_weights), config.finetune_epochs, config.fine_tune_at,
                  phase.model.name)
-    callbacks = callbacks_lib.build_callbacks(model, config.model_dir, best_value=best)
-    phase.model.fit(phase.train, initial_epoch=config.head_epochs,
-                    epochs=config.head_epochs + config.finetune_epochs, steps_per_epoch=train_steps,
-                    validation_data=phase.validation, validation_steps=config.eval_steps,
-                    callbacks=callbacks, shuffle=False, verbose=2)
+    state.epoch = max(state.epoch, config.head_epochs)
+    _fit(model, phase, config, train_steps, state, end_epoch=config.head_epochs + config.finetune_epochs)
+    return _phase_metrics(phase, config, start, "Phase 2")
+
+
+def _fit(model, phase: PhaseData, config: Config, train_steps: int, state, end_epoch: int):
+    """fit() from the saved (epoch, step) to end_epoch; a partly done epoch gets its own fit()."""
+    callbacks = callbacks_lib.build_callbacks(model, config.model_dir, state, train_steps,
+                                              config.save_every_steps)
+    while state.epoch < end_epoch:
+        first, skip = state.epoch, state.step
+        last = first + 1 if skip else end_epoch
+        callbacks[-1].step_offset = skip
+        phase.model.fit(phase.train(first, skip), initial_epoch=first, epochs=last,
+                        steps_per_epoch=train_steps - skip if skip else train_steps,
+                        validation_data=phase.validation, validation_steps=config.eval_steps,
+                        callbacks=callbacks, shuffle=False, verbose=2)
+
+
+def _phase_metrics(phase: PhaseData, config: Config, start: float, name: str) -> dict:
     metrics = evaluate(phase.model, phase.test, config.eval_steps)
     metrics["wall_seconds"] = round(time.time() - start, 2)
-    logging.info("Phase 2 test accuracy %.4f (top-5 %.4f) after %.0f s.", metrics["test_accuracy"],
+    logging.info("%s test accuracy %.4f (top-5 %.4f) after %.0f s.", name, metrics["test_accuracy"],
                  metrics["test_top5_accuracy"], metrics["wall_seconds"])
-    return metrics, callbacks[-1].best_value
+    return metrics
 
 
 def finetune_schedule(config: Config, train_steps: int):
@@ -172,6 +235,40 @@ def finetune_schedule(config: Config, train_steps: int):
     )
 
 
+def evaluate(model: keras.Model, test: tf.data.Dataset, steps: int | None = None) -> dict:
+    results = model.evaluate(test, steps=steps, return_dict=True, verbose=0)
+    return {
+        "test_loss": float(results["loss"]),
+        "test_accuracy": float(results["accuracy"]),
+        "test_top5_accuracy": float(results["top5_accuracy"]),
+    }
+
+
+def steps_per_execution(train_steps: int, limit: int = 16) -> int:
+    """Steps per tf.function call for the tiny head on cached features, where per-step overhead
+    dominates. A divisor of train_steps, because Keras rounds each epoch up to a multiple of it."""
+    return _steps_per_execution(train_steps, 0, None, limit)
+
+
+def _steps_per_execution(train_steps: int, skip: int, save_every: int | None, limit: int = 16) -> int:
+    counts = [train_steps, train_steps - skip] + ([save_every] if save_every else [])
+    return max(d for d in range(1, limit + 1) if all(c % d == 0 for c in counts))
+
+
+def _compile(model: keras.Model, learning_rate, config: Config, num_classes: int,
+             steps_per_execution: int = 1):
+    """Always a fresh optimizer: a changed trainable set must never reuse stale optimizer slots."""
+    model.compile(
+        steps_per_execution=steps_per_execution,
+        optimizer=keras.optimizers.Adam(learning_rate),
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
+        metrics=[
+            keras.metrics.CategoricalAccuracy(name="accuracy"),
+            keras.metrics.TopKCategoricalAccuracy(k=min(5, num_classes), name="top5_accuracy"),
+        ],
+    )
+
+
 def use_feature_cache(config: Config) -> bool:
     if config.cache_features == "auto":
         return config.augment != "flip_translate"
@@ -182,8 +279,7 @@ def _open_feature_cache(config: Config, data: Data) -> feature_cache.FeatureCach
     if config.augment == "flip_translate":
         logging.warning("--cache_features=true: cached phases use random flips but no translations.")
     key = dict(
-        dataset=config.dataset, data_dir=os.path.abspath(config.data_dir or ""),
-        train_split=config.train_split, test_split=config.test_split,
+        dataset=config.dataset, train_split=config.train_split, test_split=config.test_split,
         validation_split=config.validation_split, seed=config.seed, image_size=config.image_size,
         backbone=config.backbone, weights=feature_cache.weights_fingerprint(config.weights),
         preprocessing=backbones.BACKBONES[config.backbone].preprocess_module,
@@ -215,8 +311,13 @@ def _cached_phase_data(model, config: Config, strategy, data: Data, cache, bound
                 examples, preprocess, batch, num_classes, flip=flipped, cache=False)
             stored = cache.get(boundaries, split, flipped, extractor, images, n)
             arrays[split, flipped] = stored[boundaries.index(boundary)]
-    train = feature_cache.train_dataset(arrays["train", False], cache.labels("train"), num_classes, batch,
-                                        config.seed, arrays.get(("train", True)))
+    train_labels = cache.labels("train")
+
+    def train(start_epoch: int = 0, skip_steps: int = 0):
+        return feature_cache.train_dataset(arrays["train", False], train_labels, num_classes, batch,
+                                           config.seed, arrays.get(("train", True)), start_epoch, skip_steps,
+                                           data.train_steps)
+
     evaluation = {split: feature_cache.eval_dataset(arrays[split, False], cache.labels(split),
                                                     num_classes, batch)
                   for split in ("validation", "test") if (split, False) in arrays}
@@ -255,38 +356,10 @@ def _finetune_cut(model, config: Config, data: Data):
     return cut
 
 
-def evaluate(model: keras.Model, test: tf.data.Dataset, steps: int | None = None) -> dict:
-    results = model.evaluate(test, steps=steps, return_dict=True, verbose=0)
-    return {
-        "test_loss": float(results["loss"]),
-        "test_accuracy": float(results["accuracy"]),
-        "test_top5_accuracy": float(results["top5_accuracy"]),
-    }
-
-
-def steps_per_execution(train_steps: int, limit: int = 16) -> int:
-    """Steps per tf.function call for the tiny head on cached features, where per-step overhead
-    dominates. A divisor of train_steps, because Keras rounds each epoch up to a multiple of it."""
-    return max(d for d in range(1, limit + 1) if train_steps % d == 0)
-
-
-def _compile(model: keras.Model, learning_rate, config: Config, num_classes: int,
-             steps_per_execution: int = 1):
-    """Always a fresh optimizer: a changed trainable set must never reuse stale optimizer slots."""
-    model.compile(
-        steps_per_execution=steps_per_execution,
-        optimizer=keras.optimizers.Adam(learning_rate),
-        loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
-        metrics=[
-            keras.metrics.CategoricalAccuracy(name="accuracy"),
-            keras.metrics.TopKCategoricalAccuracy(k=min(5, num_classes), name="top5_accuracy"),
-        ],
-    )
-
-
 def _restore_classifier(config: Config, strategy, num_classes: int) -> keras.Model:
-    """Rebuild the classifier and load the run's latest checkpoint, for evaluate and export modes."""
-    path = os.path.join(config.model_dir, "checkpoints", callbacks_lib.LATEST)
+    """Rebuild the classifier and load the chosen checkpoint, for evaluate and export modes."""
+    name = callbacks_lib.BEST if config.checkpoint == "best" else callbacks_lib.LATEST
+    path = os.path.join(checkpointing.checkpoint_dir(config.model_dir), name)
     if not os.path.isfile(path):
         raise UserError(f"--mode={config.mode} needs a trained model_dir with {path}; train first. "
                         f"Received: model_dir={config.model_dir}")
@@ -296,10 +369,12 @@ def _restore_classifier(config: Config, strategy, num_classes: int) -> keras.Mod
             config.head_units, config.head_batchnorm, config.dropout)
         model.load_weights(path)
         _compile(model, config.head_learning_rate, config, num_classes)
+    logging.info("Loaded %s.", path)
     return model
 
 
 def _prepare_model_dir(config: Config):
+    """Create model_dir, refuse a run whose saved settings differ, and record this run's settings."""
     try:
         os.makedirs(config.model_dir, exist_ok=True)
         probe = os.path.join(config.model_dir, ".write_test")
@@ -308,18 +383,41 @@ def _prepare_model_dir(config: Config):
     except OSError as e:
         raise UserError(f"--model_dir is not a writable directory ({e.strerror}). "
                         f"Received: model_dir={config.model_dir}") from None
+    saved_path = os.path.join(config.model_dir, CONFIG_FILE)
+    if config.mode == "train" and config.overwrite:
+        for name in RUN_OUTPUTS:
+            path = os.path.join(config.model_dir, name)
+            shutil.rmtree(path) if os.path.isdir(path) else (os.path.exists(path) and os.remove(path))
+    if os.path.exists(saved_path):
+        with open(saved_path) as f:
+            saved = json.load(f)
+        if config.mode == "train":
+            fields = set(saved) - config_lib.RESUME_MAY_CHANGE
+            hint = "pass --overwrite to start fresh, or use another --model_dir"
+        else:
+            fields = config_lib.ARCHITECTURE
+            hint = "pass the run's own flags: --flagfile=MODEL_DIR/flags.txt"
+        diffs = config_lib.differences(saved, config, fields)
+        if diffs:
+            raise UserError(f"--model_dir holds a run with other settings ({'; '.join(diffs)}); {hint}. "
+                            f"Received: model_dir={config.model_dir}")
     if config.mode == "train":
         _write_text(os.path.join(config.model_dir, "flags.txt"), config.to_flagfile())
+        _write_text(saved_path, json.dumps(dataclasses.asdict(config), indent=2, sort_keys=True) + "\n")
+
+
+def _read_metrics(model_dir: str) -> dict:
+    path = os.path.join(model_dir, METRICS_FILE)
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
 
 
 def _update_metrics(model_dir: str, new: dict):
-    path = os.path.join(model_dir, METRICS_FILE)
-    metrics = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            metrics = json.load(f)
+    metrics = _read_metrics(model_dir)
     metrics.update(new)
-    _write_text(path, json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    _write_text(os.path.join(model_dir, METRICS_FILE), json.dumps(metrics, indent=2, sort_keys=True) + "\n")
 
 
 def _write_text(path: str, text: str):

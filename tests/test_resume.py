@@ -1,0 +1,135 @@
+"""Interrupted runs: SIGKILL a real CLI run at several points, rerun it, and compare the result with
+an uninterrupted run (in --deterministic mode they must agree)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from tensorboard.backend.event_processing import event_accumulator
+
+from test_cli import REPO, run_cli, tiny_tfds_dir  # noqa: F401  (fixture)
+
+HEAD_EPOCHS, FINETUNE_EPOCHS = 2, 2
+
+
+def _args(data_dir, model_dir):
+    return ["--flagfile=configs/smoke.flags", "--dataset=tiny_shapes", f"--data_dir={data_dir}",
+            "--backbone=tiny", "--weights=none", "--fine_tune_at=block2_conv1", "--batch_size=4",
+            "--steps_per_epoch=4", "--eval_steps=2", "--head_units=8", "--deterministic",
+            f"--head_epochs={HEAD_EPOCHS}", f"--finetune_epochs={FINETUNE_EPOCHS}",
+            "--finetune_learning_rate=1e-3", "--save_every_steps=2", f"--model_dir={model_dir}"]
+
+
+def _state(model_dir):
+    try:
+        with open(os.path.join(model_dir, "checkpoints", "state.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _export_in_progress(model_dir):
+    root = os.path.join(model_dir, "export")
+    return os.path.isdir(root) and any(name.startswith(".tmp-") for name in os.listdir(root))
+
+
+KILL_POINTS = {
+    # In phase 1, mid-epoch: one epoch and part of the next done.
+    "phase1": lambda d: (_state(d) or {}).get("epoch") == 1 and _state(d).get("step") == 2,
+    # At the boundary: phase 1 finished and evaluated, phase 2 not yet at its first save.
+    "boundary": lambda d: (_state(d) or {}).get("phase") == "finetune"
+    and _state(d).get("epoch") == HEAD_EPOCHS and _state(d).get("step") == 0,
+    # In phase 2, after its first epoch.
+    "phase2": lambda d: (_state(d) or {}).get("phase") == "finetune"
+    and _state(d).get("epoch") == HEAD_EPOCHS + 1,
+    # While the SavedModel is being written.
+    "export": _export_in_progress,
+}
+
+
+def _run_and_kill(args, model_dir, condition, timeout=300):
+    env = dict(os.environ, PYTHONPATH=REPO)
+    process = subprocess.Popen([sys.executable, "-m", "tl_keras.main", *args], cwd=REPO, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + timeout
+    try:
+        while time.time() < deadline:
+            if condition(model_dir):
+                state = _state(model_dir)
+                process.send_signal(signal.SIGKILL)
+                process.wait()
+                return state
+            if process.poll() is not None:
+                pytest.fail(f"run ended before the kill point: {process.stderr.read()[-2000:]}")
+            time.sleep(0.005)
+        pytest.fail("kill point never reached")
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def _epoch_steps(model_dir, run, tag="epoch_loss"):
+    acc = event_accumulator.EventAccumulator(os.path.join(model_dir, "logs", run))
+    acc.Reload()
+    return [event.step for event in acc.Tensors(tag)]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tiny_tfds_dir):  # noqa: F811
+    model_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
+    result = run_cli(*_args(tiny_tfds_dir, model_dir))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads((model_dir / "metrics.json").read_text())
+
+
+@pytest.mark.parametrize("point", list(KILL_POINTS))
+def test_resume_after_sigkill_matches_uninterrupted(point, tmp_path, tiny_tfds_dir, uninterrupted):  # noqa: F811
+    model_dir = tmp_path / "run"
+    args = _args(tiny_tfds_dir, model_dir)
+    killed_at = _run_and_kill(args, str(model_dir), KILL_POINTS[point])
+    assert killed_at is not None and killed_at["phase"] != "done", killed_at
+
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    state = _state(model_dir)
+    assert state["phase"] == "done" and state["epoch"] == HEAD_EPOCHS + FINETUNE_EPOCHS
+    if point in ("boundary", "phase2", "export"):
+        assert "Phase 1 (head)" not in result.stderr, "phase 1 ran again after it had finished"
+    metrics = json.loads((model_dir / "metrics.json").read_text())
+    for phase in ("head", "finetune"):
+        for key in ("test_accuracy", "test_loss"):
+            assert metrics[phase][key] == pytest.approx(uninterrupted[phase][key], abs=1e-4), (phase, key)
+    # Every epoch logged exactly once, across the interruption.
+    expected = list(range(HEAD_EPOCHS + FINETUNE_EPOCHS))
+    assert _epoch_steps(model_dir, "train") == expected
+    assert _epoch_steps(model_dir, "validation") == expected
+    assert sorted(os.listdir(model_dir / "export")) == ["1"]
+
+
+def test_finished_run_does_nothing_and_overwrite_starts_fresh(tmp_path, tiny_tfds_dir):  # noqa: F811
+    model_dir = tmp_path / "run"
+    args = _args(tiny_tfds_dir, model_dir) + ["--head_epochs=1", "--finetune_epochs=0"]
+    assert run_cli(*args).returncode == 0
+    before = (model_dir / "metrics.json").read_text()
+    again = run_cli(*args)
+    assert again.returncode == 0 and "nothing to do" in again.stderr
+    assert (model_dir / "metrics.json").read_text() == before
+    fresh = run_cli(*args, "--overwrite")
+    assert fresh.returncode == 0 and "Phase 1 (head)" in fresh.stderr
+    assert sorted(os.listdir(model_dir / "export")) == ["1"]
+
+
+def test_resume_with_other_settings_lists_the_differences(tmp_path, tiny_tfds_dir):  # noqa: F811
+    model_dir = tmp_path / "run"
+    args = _args(tiny_tfds_dir, model_dir) + ["--head_epochs=1", "--finetune_epochs=0"]
+    assert run_cli(*args).returncode == 0
+    changed = run_cli(*args, "--batch_size=8", "--head_learning_rate=0.5")
+    assert changed.returncode != 0
+    line = changed.stderr.strip().splitlines()[-1]
+    assert "batch_size: 4 -> 8" in line and "head_learning_rate: 0.001 -> 0.5" in line
+    assert "Traceback" not in changed.stderr
