@@ -128,7 +128,8 @@ def test_saved_model_cli_runs_the_export_from_an_input_file(trained, signatures,
     np.save(tmp_path / "images.npy", images)
     result = _saved_model_cli("run", "--dir", trained[1], "--tag_set", "serve",
                               "--signature_def", "serving_default",
-                              "--inputs", f"images={tmp_path / 'images.npy'}", "--outdir", str(tmp_path / "out"))
+                              "--inputs", f"images={tmp_path / 'images.npy'}",
+                              "--outdir", str(tmp_path / "out"))
     assert result.returncode == 0, result.stderr[-3000:]
     expected = signatures["serving_default"](images=tf.constant(images))
     np.testing.assert_allclose(np.load(tmp_path / "out" / "probabilities.npy"),
@@ -160,8 +161,8 @@ def _image_folder(path):
     (path / "d_empty.png").write_bytes(b"")
     (path / "e_large.png").write_bytes(tf.io.encode_png(large[0]).numpy())
     (path / "subfolder").mkdir()
-    return {"a_small.png": small[0], "b_large.jpg": tf.io.decode_jpeg((path / "b_large.jpg").read_bytes()).numpy(),
-            "e_large.png": large[0]}
+    jpeg = tf.io.decode_jpeg((path / "b_large.jpg").read_bytes()).numpy()
+    return {"a_small.png": small[0], "b_large.jpg": jpeg, "e_large.png": large[0]}
 
 
 def test_predict_reports_corrupt_files_and_classifies_the_rest(trained, signatures, tmp_path, capsys,
@@ -184,7 +185,8 @@ def test_predict_reports_corrupt_files_and_classifies_the_rest(trained, signatur
         if name not in good:
             assert "ERROR: not a readable image" in line and "error" in item
             continue
-        served = signatures["serving_default"](images=tf.constant(good[name][None]))["probabilities"].numpy()[0]
+        served = signatures["serving_default"](images=tf.constant(good[name][None]))["probabilities"]
+        served = served.numpy()[0]
         order = np.argsort(-served)[:2]
         assert [p["class_name"] for p in item["predictions"]] == [CLASS_NAMES[i] for i in order]
         np.testing.assert_allclose([p["probability"] for p in item["predictions"]], served[order], atol=1e-6)

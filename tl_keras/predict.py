@@ -48,8 +48,8 @@ def find_export(model_dir: str | None, export_dir: str | None) -> str:
         return export_dir
     latest = export_lib.latest_version_dir(os.path.join(model_dir, "export"))
     if latest is None or not tf.saved_model.contains_saved_model(latest):
-        raise UserError(f"--mode=predict needs an export under {os.path.join(model_dir, 'export')}; "
-                        f"train or run --mode=export first, or pass --export_dir. Received: model_dir={model_dir}")
+        raise UserError(f"--mode=predict needs an export under {os.path.join(model_dir, 'export')}; train "
+                        f"or run --mode=export first, or pass --export_dir. Received: model_dir={model_dir}")
     return latest
 
 
@@ -94,7 +94,8 @@ def predict_files(serve, paths, class_names, top_k: int, batch_size: int):
             by_shape.setdefault(image.shape, []).append(path)
         for group in by_shape.values():
             try:
-                probabilities = serve(images=tf.constant(np.stack([images[p] for p in group])))["probabilities"]
+                batch = tf.constant(np.stack([images[p] for p in group]))
+                probabilities = serve(images=batch)["probabilities"]
             except tf.errors.InvalidArgumentError as e:
                 for path in group:
                     results[path] = {"image": path, "error": f"the model refused it: {_op_message(e)}"}

@@ -100,15 +100,16 @@ def build_report(probabilities: np.ndarray, labels, class_names, split: str) -> 
     predictions = probabilities.argmax(axis=1)
     per_class = per_class_metrics(confusion_matrix(labels, predictions, len(class_names)), class_names)
     k = min(5, len(class_names))
-    true_probability = probabilities[np.arange(len(labels)), labels]
+    true_probability = np.clip(probabilities[np.arange(len(labels)), labels], 1e-7, 1.0)
     return {
         "split": split,
         "num_examples": int(len(labels)),
         "top1_accuracy": top_k_accuracy(probabilities, labels, 1),
         "top5_accuracy": top_k_accuracy(probabilities, labels, k),
         "top_k": k,
-        "cross_entropy": float(np.mean(-np.log(np.clip(true_probability, 1e-7, 1.0)))) if len(labels) else 0.0,
-        "macro_avg": {m: float(np.mean([c[m] for c in per_class.values()])) for m in ("precision", "recall", "f1")},
+        "cross_entropy": float(np.mean(-np.log(true_probability))) if len(labels) else 0.0,
+        "macro_avg": {metric: float(np.mean([c[metric] for c in per_class.values()]))
+                      for metric in ("precision", "recall", "f1")},
         "per_class": per_class,
         "worst_misclassified": [
             {"index": int(i), "true": class_names[labels[i]], "predicted": class_names[predictions[i]],
@@ -139,7 +140,8 @@ def confusion_png(confusion: np.ndarray, class_names, split: str = "") -> bytes:
         cell = max(2, 2400 // n)
     labelled = cell >= 24
     pad = 8
-    row_labels = [f"{i} {draw.fit(name, NAME_CHARS)}" for i, name in enumerate(class_names)] if labelled else []
+    row_labels = [f"{i} {draw.fit(name, NAME_CHARS)}" for i, name in enumerate(class_names)]
+    row_labels = row_labels if labelled else []
     left = pad + max((draw.text_size(t, TEXT_SCALE)[1] for t in row_labels), default=0) + pad
     title = f"CONFUSION {split}: ROWS TRUE, COLUMNS PREDICTED".replace("  ", " ")
     top = pad + char_h + pad + (char_h + pad if labelled else 0)
@@ -160,7 +162,8 @@ def confusion_png(confusion: np.ndarray, class_names, split: str = "") -> bytes:
         draw.draw_text(canvas, row_labels[i], y + (cell - char_h) // 2, pad, scale=TEXT_SCALE)
         column = str(i)
         draw.draw_text(canvas, column, top - pad - char_h,
-                       left + i * cell + (cell - draw.text_size(column, TEXT_SCALE)[1]) // 2, scale=TEXT_SCALE)
+                       left + i * cell + (cell - draw.text_size(column, TEXT_SCALE)[1]) // 2,
+                       scale=TEXT_SCALE)
         for j in range(n):
             count = str(int(confusion[i, j]))
             draw.draw_text(canvas, count, y + (cell - char_h) // 2,
@@ -175,7 +178,8 @@ def misclassified_png(images: list, captions: list) -> bytes:
     line_h = draw.text_size("0", TEXT_SCALE)[0] + 4
     if not images:
         message = "NO MISCLASSIFIED EXAMPLES"
-        canvas = np.full((line_h + 2 * pad, draw.text_size(message, TEXT_SCALE)[1] + 2 * pad, 3), 255, np.uint8)
+        width = draw.text_size(message, TEXT_SCALE)[1] + 2 * pad
+        canvas = np.full((line_h + 2 * pad, width, 3), 255, np.uint8)
         draw.draw_text(canvas, message, pad, pad, scale=TEXT_SCALE)
         return tf.io.encode_png(canvas).numpy()
     lines = max(len(c) for c in captions)

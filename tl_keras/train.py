@@ -140,7 +140,8 @@ def _check_min_accuracy(config: Config, metrics: dict, model: keras.Model, data:
     accuracy = final["test_accuracy"]
     if accuracy < config.min_accuracy:
         raise UserError(f"Test accuracy {accuracy:.4f} is below --min_accuracy, so nothing was exported "
-                        f"(checkpoints and metrics.json are kept). Received: min_accuracy={config.min_accuracy}")
+                        f"(checkpoints and metrics.json are kept). "
+                        f"Received: min_accuracy={config.min_accuracy}")
 
 
 def train_head(model: keras.Model, phase: PhaseData, config: Config, strategy, train_steps: int):
