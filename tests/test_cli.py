@@ -97,4 +97,47 @@ def test_end_to_end_train_then_evaluate_and_export(tmp_path, tiny_tfds_dir):
     exported = run_cli(f"--flagfile={model_dir}/flags.txt", "--mode=export")
     assert exported.returncode == 0, exported.stderr[-3000:]
     assert (model_dir / "export" / "2" / "saved_model.pb").exists()
-    np.testing.assert_array_equal(sorted(os.listdir(model_dir / "export")), ["1", "2"])
+    np.testing.assert_array_equal(sorted(os.listdir(model_dir / "export")), ["1", "2", "labels.txt"])
+
+
+def test_min_accuracy_fails_training_and_skips_the_export(tmp_path, tiny_tfds_dir):
+    model_dir = tmp_path / "run"
+    result = run_cli("--flagfile=configs/smoke.flags", "--dataset=tiny_shapes", f"--data_dir={tiny_tfds_dir}",
+                     "--backbone=tiny", "--weights=none", "--fine_tune_at=block3_conv1", "--batch_size=4",
+                     "--steps_per_epoch=1", "--head_units=8", "--finetune_epochs=0", "--min_accuracy=1.0",
+                     f"--model_dir={model_dir}")
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("tl_keras: error: Test accuracy") and "below --min_accuracy" in last
+    assert last.endswith("Received: min_accuracy=1.0")
+    metrics = json.loads((model_dir / "metrics.json").read_text())
+    assert metrics["head"]["test_accuracy"] < 1.0  # The final phase's accuracy is what is checked.
+    assert "export_path" not in metrics
+    assert not (model_dir / "export").exists()
+    assert (model_dir / "checkpoints" / "latest.weights.h5").exists()
+
+
+def test_predict_prints_top_k_and_reports_a_corrupt_file(tmp_path):
+    from tl_keras import export, models
+
+    model = models.build_classifier("tiny", 32, len(CLASS_NAMES), "none", head_units=(8,))
+    export.export_saved_model(model, str(tmp_path / "run" / "export"), models.get_preprocessing("tiny", 32),
+                              CLASS_NAMES)
+    images, _ = make_examples(2, seed=4, size=40)
+    for i, image in enumerate(images):
+        (tmp_path / f"{i}.png").write_bytes(tf.io.encode_png(image).numpy())
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    result = run_cli("--mode=predict", f"--model_dir={tmp_path / 'run'}", f"--images={tmp_path}/*.png",
+                     "--top_k=3", f"--output_json={tmp_path / 'out.json'}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.strip().splitlines()
+    expected_order = [str(tmp_path / name) for name in ("0.png", "1.png", "broken.png")]
+    assert [line.split()[0] for line in lines] == expected_order
+    for line in lines[:2]:
+        assert sorted(line.split()[1::2]) == sorted(CLASS_NAMES)  # Top 3 of 3: every class, once.
+        assert sum(float(p) for p in line.split()[2::2]) == pytest.approx(1.0, abs=1e-3)
+    assert "ERROR: not a readable image" in lines[2]
+    written = json.loads((tmp_path / "out.json").read_text())
+    assert written["export_dir"] == str(tmp_path / "run" / "export" / "1")
+    assert "error" in written["results"][2] and len(written["results"][0]["predictions"]) == 3

@@ -93,3 +93,24 @@ def test_empty_head_units_round_trip(make_config, tmp_path):
 def test_non_integer_head_units_is_a_user_error():
     with pytest.raises(UserError, match="Received: head_units=wide"):
         parse(["--model_dir=/tmp/x", "--head_units=wide"])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(min_accuracy=1.5), "Received: min_accuracy=1.5"),
+    (dict(mode="predict"), "Received: images=None"),
+    (dict(mode="predict", images="*.png", top_k=0), "Received: top_k=0"),
+    (dict(model_dir=None, mode="predict", images="*.png"), "Received: model_dir=None"),
+])
+def test_bad_serving_values_name_the_flag_and_value(make_config, overrides, message):
+    with pytest.raises(UserError, match=message):
+        make_config(**overrides)
+
+
+def test_serving_flags_round_trip(make_config, tmp_path):
+    config = make_config(export_tflite=True, min_accuracy=0.5, top_k=3)
+    path = tmp_path / "flags.txt"
+    path.write_text(config.to_flagfile())
+    assert parse([f"--flagfile={path}"]) == config
+    # Predicting from an export needs no model_dir.
+    predict = parse([f"--export_dir={tmp_path}", "--mode=predict", "--images=/tmp/*.jpg"])
+    assert predict.model_dir is None and predict.export_dir == str(tmp_path)

@@ -108,7 +108,7 @@ def test_resume_after_sigkill_matches_uninterrupted(point, tmp_path, tiny_tfds_d
     expected = list(range(HEAD_EPOCHS + FINETUNE_EPOCHS))
     assert _epoch_steps(model_dir, "train") == expected
     assert _epoch_steps(model_dir, "validation") == expected
-    assert sorted(os.listdir(model_dir / "export")) == ["1"]
+    assert sorted(os.listdir(model_dir / "export")) == ["1", "labels.txt"]
 
 
 def test_finished_run_does_nothing_and_overwrite_starts_fresh(tmp_path, tiny_tfds_dir):  # noqa: F811
@@ -121,7 +121,7 @@ def test_finished_run_does_nothing_and_overwrite_starts_fresh(tmp_path, tiny_tfd
     assert (model_dir / "metrics.json").read_text() == before
     fresh = run_cli(*args, "--overwrite")
     assert fresh.returncode == 0 and "Phase 1 (head)" in fresh.stderr
-    assert sorted(os.listdir(model_dir / "export")) == ["1"]
+    assert sorted(os.listdir(model_dir / "export")) == ["1", "labels.txt"]
 
 
 def test_resume_with_other_settings_lists_the_differences(tmp_path, tiny_tfds_dir):  # noqa: F811

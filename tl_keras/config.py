@@ -6,7 +6,7 @@ import os
 from tl_keras import backbones
 from tl_keras.errors import UserError
 
-MODES = ("train", "evaluate", "export")
+MODES = ("train", "evaluate", "export", "predict")
 STRATEGIES = ("auto", "default", "one_device", "mirrored")
 CACHE_FEATURES = ("auto", "true", "false")
 CHECKPOINTS = ("latest", "best")
@@ -55,6 +55,12 @@ class Config:
     overwrite: bool = False
     save_every_steps: int | None = None
     deterministic: bool = False
+    export_tflite: bool = False
+    min_accuracy: float | None = None
+    images: str | None = None
+    export_dir: str | None = None
+    output_json: str | None = None
+    top_k: int = 5
 
     def __post_init__(self):
         self.validate()
@@ -66,9 +72,9 @@ class Config:
 
     def validate(self):
         """Raise UserError naming the first bad setting, in Keras's 'Received:' style."""
-        if not self.model_dir:
-            _fail("--model_dir is required", model_dir=self.model_dir)
-        if os.path.exists(self.model_dir) and not os.path.isdir(self.model_dir):
+        if not self.model_dir and not (self.mode == "predict" and self.export_dir):
+            _fail("--model_dir is required (for --mode=predict, or --export_dir)", model_dir=self.model_dir)
+        if self.model_dir and os.path.exists(self.model_dir) and not os.path.isdir(self.model_dir):
             _fail("--model_dir exists and is not a directory", model_dir=self.model_dir)
         if self.mode not in MODES:
             _fail(f"--mode must be one of {', '.join(MODES)}", mode=self.mode)
@@ -127,6 +133,12 @@ class Config:
             _fail("--save_every_steps must be positive when set", save_every_steps=self.save_every_steps)
         if not self.fine_tune_at:
             _fail("--fine_tune_at must be a backbone layer name or 'all'", fine_tune_at=self.fine_tune_at)
+        if self.min_accuracy is not None and not 0.0 <= self.min_accuracy <= 1.0:
+            _fail("--min_accuracy must be in [0, 1]", min_accuracy=self.min_accuracy)
+        if self.mode == "predict" and not self.images:
+            _fail("--mode=predict needs --images=GLOB", images=self.images)
+        if self.top_k < 1:
+            _fail("--top_k must be positive", top_k=self.top_k)
 
     def to_flagfile(self) -> str:
         """The effective settings as flagfile text, so a run can be repeated exactly."""

@@ -14,7 +14,9 @@ _DEFAULTS = config_lib.Config(model_dir="unused")
 
 flags.DEFINE_string("model_dir", None, "Run directory: logs/, checkpoints/, metrics.json, export/.")
 flags.DEFINE_enum("mode", _DEFAULTS.mode, config_lib.MODES,
-                  "train: both phases, evaluate and export. evaluate / export: reuse a trained model_dir.")
+                  "train: both phases, evaluate and export. evaluate / export: reuse a trained model_dir "
+                  "(evaluate writes a report on --test_split to model_dir/eval/). predict: classify "
+                  "--images with the exported SavedModel.")
 flags.DEFINE_enum("checkpoint", _DEFAULTS.checkpoint, config_lib.CHECKPOINTS,
                   "Which checkpoint --mode=evaluate/export loads: the last epoch, or the best validation "
                   "accuracy.")
@@ -78,6 +80,17 @@ flags.DEFINE_enum("distribution_strategy", _DEFAULTS.distribution_strategy, conf
                   "auto: mirrored with more than one GPU, else default.")
 flags.DEFINE_integer("steps_per_epoch", None, "Cap on train steps per epoch, for short runs.")
 flags.DEFINE_integer("eval_steps", None, "Cap on validation and test steps, for short runs.")
+
+# Serving.
+flags.DEFINE_boolean("export_tflite", _DEFAULTS.export_tflite,
+                     "Also write model.tflite into the export version directory.")
+flags.DEFINE_float("min_accuracy", None,
+                   "Fail training (exit 1, no export) when the final test accuracy is below this.")
+flags.DEFINE_string("images", None, "--mode=predict: glob of image files (JPEG, PNG, GIF, BMP), or a folder.")
+flags.DEFINE_string("export_dir", None,
+                    "--mode=predict: SavedModel to load. Default: the latest version under model_dir/export.")
+flags.DEFINE_string("output_json", None, "--mode=predict: also write the predictions to this JSON file.")
+flags.DEFINE_integer("top_k", _DEFAULTS.top_k, "--mode=predict: classes shown per image.")
 
 
 def get_config(flag_values=FLAGS) -> config_lib.Config:

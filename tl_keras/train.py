@@ -25,11 +25,14 @@ from tl_keras import export as export_lib
 from tl_keras import feature_cache
 from tl_keras import input_pipeline
 from tl_keras import models
+from tl_keras import predict as predict_lib
+from tl_keras import report as report_lib
 from tl_keras.config import Config
 from tl_keras.errors import UserError
 
 METRICS_FILE = "metrics.json"
 CONFIG_FILE = "config.json"
+EVAL_DIR = "eval"
 # --cache_features=auto skips phase 2's cache above this size (CIFAR-10 at 32 px from block4: 1.7 GB).
 MAX_AUTO_CACHE_BYTES = 8 << 30
 # What --overwrite removes; the feature cache stays, since its key guards against stale use.
@@ -69,6 +72,8 @@ def run(config: Config, strategy: tf.distribute.Strategy | None = None,
     `strategy` and `splits` let tests and embedding code inject their own; by default they come from
     the config. The strategy is created before any dataset, as tf.distribute requires.
     """
+    if config.mode == "predict":
+        return predict_lib.run(config)  # The exported SavedModel alone: no strategy, data or model code.
     strategy = strategy or distribute.get_strategy(config.distribution_strategy)
     distribute.check_batch_size(config.batch_size, strategy)
     _prepare_model_dir(config)
@@ -91,13 +96,21 @@ def run(config: Config, strategy: tf.distribute.Strategy | None = None,
         return train_and_export(config, strategy, data)
     model = _restore_classifier(config, strategy, splits.num_classes)
     if config.mode == "evaluate":
-        metrics = {"test": evaluate(model, data.test, data.eval_steps)}
+        report = report_lib.write_report(model, data.test, splits.test, splits.class_names,
+                                         os.path.join(config.model_dir, EVAL_DIR), config.test_split,
+                                         data.eval_steps)
+        metrics = {"test": {"test_loss": report["cross_entropy"], "test_accuracy": report["top1_accuracy"],
+                            "test_top5_accuracy": report["top5_accuracy"]}}
         _update_metrics(config.model_dir, metrics)
-        return metrics
-    path = export_lib.export_saved_model(
+        return dict(metrics, report=report)
+    return {"export_path": _export(model, config, splits.class_names)}
+
+
+def _export(model: keras.Model, config: Config, class_names, version_dir: str | None = None) -> str:
+    return export_lib.export_saved_model(
         model, os.path.join(config.model_dir, "export"),
-        models.get_preprocessing(config.backbone, config.image_size), splits.class_names)
-    return {"export_path": path}
+        models.get_preprocessing(config.backbone, config.image_size), class_names,
+        tflite=config.export_tflite, version_dir=version_dir)
 
 
 def build_data(config: Config, splits: input_pipeline.Splits) -> Data:
@@ -152,19 +165,31 @@ def train_and_export(config: Config, strategy, data: Data) -> dict:
         state.phase, state.step = "export", 0
         checkpointing.save_state(config.model_dir, state)
     if state.phase == "export":
+        if config.min_accuracy is not None:
+            _check_min_accuracy(config, metrics, model, data)
         if not state.export_dir:
             state.export_dir = export_lib.next_version_dir(os.path.join(config.model_dir, "export"))
             checkpointing.save_state(config.model_dir, state)
         callbacks_lib.save_weights_atomically(
             model, os.path.join(checkpointing.checkpoint_dir(config.model_dir), callbacks_lib.LATEST))
-        metrics["export_path"] = export_lib.export_saved_model(
-            model, os.path.join(config.model_dir, "export"),
-            models.get_preprocessing(config.backbone, config.image_size), data.splits.class_names,
-            version_dir=state.export_dir)
+        metrics["export_path"] = _export(model, config, data.splits.class_names, state.export_dir)
         _update_metrics(config.model_dir, {"export_path": metrics["export_path"]})
         state.phase = "done"
         checkpointing.save_state(config.model_dir, state)
     return metrics
+
+
+def _check_min_accuracy(config: Config, metrics: dict, model: keras.Model, data: Data):
+    """Refuse to export a model whose final test accuracy is below --min_accuracy."""
+    final = metrics.get("finetune") or metrics.get("head")
+    if final is None:  # No phase ran, so nothing measured the model yet.
+        _compile(model, config.head_learning_rate, config, data.splits.num_classes)
+        final = evaluate(model, data.test, data.eval_steps)
+    accuracy = final["test_accuracy"]
+    if accuracy < config.min_accuracy:
+        raise UserError(f"Test accuracy {accuracy:.4f} is below --min_accuracy, so nothing was exported "
+                        f"(checkpoints and metrics.json are kept). "
+                        f"Received: min_accuracy={config.min_accuracy}")
 
 
 def train_head(model: keras.Model, phase: PhaseData, config: Config, strategy, train_steps: int,

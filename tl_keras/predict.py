@@ -1,0 +1,147 @@
+"""--mode=predict: classify image files with an exported SavedModel, as any consumer would.
+
+Only the SavedModel is used (no model code), so this checks the export as much as it uses it. Each
+file is read and decoded here, so one unreadable file is reported and the rest still get answers.
+"""
+
+import json
+import os
+import re
+
+from absl import logging
+import numpy as np
+import tensorflow as tf
+
+from tl_keras import export as export_lib
+from tl_keras import files
+from tl_keras.config import Config
+from tl_keras.errors import UserError
+
+
+def run(config: Config) -> dict:
+    """Print the top-k classes of every image to stdout (and --output_json); return the results."""
+    export_dir = find_export(config.model_dir, config.export_dir)
+    paths = list_images(config.images)
+    logging.info("Classifying %d images with %s.", len(paths), export_dir)
+    serve = tf.saved_model.load(export_dir).signatures["serving_default"]
+    class_names = read_labels(export_dir)
+    results = []
+    for result in predict_files(serve, paths, class_names, config.top_k, config.batch_size):
+        print(format_result(result), flush=True)
+        results.append(result)
+    failed = sum("error" in r for r in results)
+    if failed:
+        logging.warning("%d of %d images could not be classified; see their errors.", failed, len(results))
+    output = {"export_dir": export_dir, "results": results}
+    if config.output_json:
+        directory = os.path.dirname(os.path.abspath(config.output_json))
+        os.makedirs(directory, exist_ok=True)
+        files.write_text(config.output_json, json.dumps(output, indent=2) + "\n")
+    return output
+
+
+def find_export(model_dir: str | None, export_dir: str | None) -> str:
+    """--export_dir if given, else the version TF Serving would serve from model_dir/export."""
+    if export_dir:
+        if not tf.saved_model.contains_saved_model(export_dir):
+            raise UserError(f"--export_dir holds no SavedModel. Received: export_dir={export_dir}")
+        return export_dir
+    latest = export_lib.latest_version_dir(os.path.join(model_dir, "export"))
+    if latest is None or not tf.saved_model.contains_saved_model(latest):
+        raise UserError(f"--mode=predict needs an export under {os.path.join(model_dir, 'export')}; train "
+                        f"or run --mode=export first, or pass --export_dir. Received: model_dir={model_dir}")
+    return latest
+
+
+def list_images(pattern: str) -> list:
+    """Files matching the glob, sorted; a folder means every file in it."""
+    if tf.io.gfile.isdir(pattern):
+        pattern = os.path.join(pattern, "*")
+    paths = sorted(p for p in tf.io.gfile.glob(pattern) if not tf.io.gfile.isdir(p))
+    if not paths:
+        raise UserError(f"--images matched no files. Received: images={pattern}")
+    return paths
+
+
+def read_labels(export_dir: str) -> list | None:
+    """Class names from the export's assets (or labels.txt beside it); None if it has neither."""
+    for path in (os.path.join(export_dir, "assets", export_lib.LABELS_FILE),
+                 os.path.join(os.path.dirname(os.path.normpath(export_dir)), export_lib.LABELS_FILE)):
+        if tf.io.gfile.exists(path):
+            with tf.io.gfile.GFile(path) as f:
+                return f.read().splitlines()
+    logging.warning("No %s with the export at %s: classes are shown by index.", export_lib.LABELS_FILE,
+                    export_dir)
+    return None
+
+
+def predict_files(serve, paths, class_names, top_k: int, batch_size: int):
+    """Yield one result per path, in order: {"image", "predictions"} or {"image", "error"}.
+
+    Images of one chunk that share a size go to the signature as one batch.
+    """
+    for start in range(0, len(paths), batch_size):
+        chunk = paths[start:start + batch_size]
+        results = {}
+        images = {}
+        for path in chunk:
+            try:
+                images[path] = load_image(path)
+            except ValueError as e:
+                results[path] = {"image": path, "error": str(e)}
+        by_shape = {}
+        for path, image in images.items():
+            by_shape.setdefault(image.shape, []).append(path)
+        for group in by_shape.values():
+            try:
+                batch = tf.constant(np.stack([images[p] for p in group]))
+                probabilities = serve(images=batch)["probabilities"]
+            except tf.errors.InvalidArgumentError as e:
+                for path in group:
+                    results[path] = {"image": path, "error": f"the model refused it: {_op_message(e)}"}
+                continue
+            for path, row in zip(group, probabilities.numpy()):
+                results[path] = {"image": path, "predictions": top_classes(row, class_names, top_k)}
+        for path in chunk:
+            yield results[path]
+
+
+def load_image(path: str) -> np.ndarray:
+    """uint8 [H, W, 3]; raises ValueError with a readable reason for missing, unreadable or bad files."""
+    try:
+        with tf.io.gfile.GFile(path, "rb") as f:
+            data = f.read()
+    except (tf.errors.OpError, OSError) as e:
+        raise ValueError(f"cannot read the file: {_op_message(e)}") from None
+    try:
+        image = tf.io.decode_image(data, channels=3, dtype=tf.uint8, expand_animations=False)
+    except tf.errors.InvalidArgumentError as e:
+        raise ValueError(f"not a readable image: {_op_message(e)}") from None
+    if 0 in image.shape:
+        raise ValueError(f"empty image of shape {tuple(image.shape)}")
+    return image.numpy()
+
+
+def top_classes(probabilities: np.ndarray, class_names, k: int) -> list:
+    order = np.argsort(-probabilities, kind="stable")[:k]
+    return [{"class_id": int(i), "class_name": class_names[i] if class_names else str(int(i)),
+             "probability": float(probabilities[i])} for i in order]
+
+
+def format_result(result: dict) -> str:
+    """One line per image: the path, then 'name probability' pairs, or the error."""
+    if "error" in result:
+        return f"{result['image']}  ERROR: {result['error']}"
+    return "  ".join([result["image"]] + [f"{p['class_name']} {p['probability']:.4f}"
+                                           for p in result["predictions"]])
+
+
+def _op_message(error: Exception) -> str:
+    """TensorFlow's error text without the op/node decorations around it."""
+    text = getattr(error, "message", None) or str(error)
+    text = re.sub(r"\{\{[^}]*\}\}\s*", "", text)
+    text = re.sub(r"\s*\[Op:[^\]]*\].*$", "", text, flags=re.S)
+    noise = ("[[", "Graph execution error", "Detected at node", "<stack traces")
+    lines = [line.strip() for line in text.splitlines()
+             if line.strip() and not line.strip().startswith(noise)]
+    return lines[-1] if lines else type(error).__name__
