@@ -7,13 +7,15 @@ from tl_keras import backbones
 from tl_keras.errors import UserError
 
 MODES = ("train", "evaluate", "export", "predict")
-STRATEGIES = ("auto", "default", "one_device", "mirrored")
+STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker", "tpu")
+PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 CACHE_FEATURES = ("auto", "true", "false")
 CHECKPOINTS = ("latest", "best")
 # Settings a resumed run may change: where things are and how the run is driven, not what it trains.
 RESUME_MAY_CHANGE = frozenset({
     "model_dir", "data_dir", "mode", "checkpoint", "overwrite", "save_every_steps",
-    "distribution_strategy", "log_every_steps", "profile_steps", "eval_steps",
+    "distribution_strategy", "log_every_steps", "profile_steps", "eval_steps", "num_gpus", "tpu",
+    "jit_compile", "steps_per_execution",
 })
 # Settings that define the model's architecture; evaluate, export and predict need them unchanged.
 ARCHITECTURE = frozenset({"backbone", "image_size", "head_units", "head_batchnorm", "dataset"})
@@ -55,6 +57,12 @@ class Config:
     overwrite: bool = False
     save_every_steps: int | None = None
     deterministic: bool = False
+    num_gpus: int | None = None
+    tpu: str | None = None
+    mixed_precision: str = "auto"
+    jit_compile: bool = False
+    steps_per_execution: int = 1
+    scale_lr_with_batch: bool = False
     export_tflite: bool = False
     min_accuracy: float | None = None
     images: str | None = None
@@ -127,6 +135,13 @@ class Config:
         if self.cache_features not in CACHE_FEATURES:
             _fail(f"--cache_features must be one of {', '.join(CACHE_FEATURES)}",
                   cache_features=self.cache_features)
+        if self.mixed_precision not in PRECISIONS:
+            _fail(f"--mixed_precision must be one of {', '.join(PRECISIONS)}",
+                  mixed_precision=self.mixed_precision)
+        if self.steps_per_execution < 1:
+            _fail("--steps_per_execution must be positive", steps_per_execution=self.steps_per_execution)
+        if self.num_gpus is not None and self.num_gpus < 1:
+            _fail("--num_gpus must be positive when set", num_gpus=self.num_gpus)
         if self.checkpoint not in CHECKPOINTS:
             _fail(f"--checkpoint must be one of {', '.join(CHECKPOINTS)}", checkpoint=self.checkpoint)
         if self.save_every_steps is not None and self.save_every_steps < 1:

@@ -1,4 +1,11 @@
-"""Choosing a tf.distribute strategy. Training code only ever sees the strategy object."""
+"""Choosing a tf.distribute strategy and what follows from it: precision, and who writes files.
+
+Training code only ever sees the strategy object; scaling out is TensorFlow's own engine.
+"""
+
+import json
+import os
+import tempfile
 
 from absl import logging
 import tensorflow as tf
@@ -6,12 +13,23 @@ import tensorflow as tf
 from tl_keras.errors import UserError
 
 
-def get_strategy(name: str = "auto", devices=None) -> tf.distribute.Strategy:
+def get_strategy(name: str = "auto", num_gpus: int | None = None, tpu: str | None = None,
+                 devices=None) -> tf.distribute.Strategy:
     """Return the strategy for `name`; call it before building any dataset or model.
 
     auto picks MirroredStrategy only with more than one GPU, since one replica gains nothing from it.
-    `devices` restricts mirrored to those devices (tests mirror over logical CPUs).
+    `devices` restricts mirrored to those devices (tests mirror over logical CPUs); `num_gpus` to
+    the first N GPUs. multi_worker reads the cluster from the TF_CONFIG environment variable.
     """
+    if name == "multi_worker":
+        # Collective ops must be configured before anything initialises the runtime, so this comes
+        # before even listing devices.
+        if "TF_CONFIG" not in os.environ:
+            raise UserError("--distribution_strategy=multi_worker needs the cluster in the TF_CONFIG "
+                            "environment variable (see README). Received: distribution_strategy=multi_worker")
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+        logging.info("Strategy MultiWorkerMirroredStrategy with %d replica(s).", strategy.num_replicas_in_sync)
+        return strategy
     gpus = tf.config.list_logical_devices("GPU")
     if name == "auto":
         name = "mirrored" if len(gpus) > 1 else "default"
@@ -20,7 +38,21 @@ def get_strategy(name: str = "auto", devices=None) -> tf.distribute.Strategy:
     elif name == "one_device":
         strategy = tf.distribute.OneDeviceStrategy("/gpu:0" if gpus else "/cpu:0")
     elif name == "mirrored":
+        if devices is None and num_gpus is not None:
+            if num_gpus > len(gpus):
+                raise UserError(f"--num_gpus asks for more GPUs than the {len(gpus)} visible. "
+                                f"Received: num_gpus={num_gpus}")
+            devices = [gpu.name for gpu in gpus[:num_gpus]] or None
         strategy = tf.distribute.MirroredStrategy(devices=devices)
+    elif name == "tpu":
+        try:
+            resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu or "")
+            tf.config.experimental_connect_to_cluster(resolver)
+            tf.tpu.experimental.initialize_tpu_system(resolver)
+        except (ValueError, tf.errors.OpError) as e:
+            raise UserError(f"No TPU found ({str(e).splitlines()[0] if str(e) else type(e).__name__}). "
+                            f"Received: tpu={tpu}") from None
+        strategy = tf.distribute.TPUStrategy(resolver)
     else:
         raise UserError(f"Unknown distribution strategy. Received: distribution_strategy={name}")
     logging.info("Strategy %s with %d replica(s).", type(strategy).__name__,
@@ -36,3 +68,48 @@ def check_batch_size(batch_size: int, strategy: tf.distribute.Strategy):
             f"--batch_size is global and must be divisible by the {replicas} replicas. "
             f"Received: batch_size={batch_size}"
         )
+
+
+def is_chief(strategy: tf.distribute.Strategy) -> bool:
+    """Whether this process writes the run's files: always, except a non-chief multi-worker task."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) or resolver is None:
+        return True
+    task_type, task_id = resolver.task_type, resolver.task_id
+    if task_type is None:
+        return True
+    cluster = json.loads(os.environ.get("TF_CONFIG", "{}")).get("cluster", {})
+    return task_type == "chief" or (task_type == "worker" and task_id == 0 and "chief" not in cluster)
+
+
+def worker_model_dir(model_dir: str, strategy: tf.distribute.Strategy) -> str:
+    """The chief writes to model_dir; other workers to a private temporary directory, as TF's
+    multi-worker guide prescribes (they must still save, since saving can involve collectives)."""
+    if is_chief(strategy):
+        return model_dir
+    resolver = strategy.cluster_resolver
+    return tempfile.mkdtemp(prefix=f"tl_keras_{resolver.task_type}{resolver.task_id}_")
+
+
+def resolve_precision(name: str, strategy: tf.distribute.Strategy) -> str:
+    """auto: mixed_float16 on GPUs of compute capability 7.0 or more, bfloat16 on TPU, else float32."""
+    if name != "auto":
+        return name
+    if isinstance(strategy, tf.distribute.TPUStrategy):
+        return "mixed_bfloat16"
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        capabilities = [tf.config.experimental.get_device_details(g).get("compute_capability", (0, 0))
+                        for g in gpus]
+        if all(c and tuple(c) >= (7, 0) for c in capabilities):
+            return "mixed_float16"
+    return "float32"
+
+
+def check_combination(precision: str, jit_compile: bool, strategy: tf.distribute.Strategy):
+    """Refuse combinations Keras is known to crash on, before any work is done."""
+    if (precision == "mixed_float16" and jit_compile and strategy.num_replicas_in_sync > 1):
+        raise UserError(
+            "--jit_compile with mixed_float16 under a multi-replica strategy is a known Keras crash; "
+            "drop --jit_compile or use --mixed_precision=mixed_bfloat16 or float32. "
+            "Received: jit_compile=True")

@@ -78,6 +78,16 @@ flags.DEFINE_float("label_smoothing", _DEFAULTS.label_smoothing, "Label smoothin
 # Running.
 flags.DEFINE_enum("distribution_strategy", _DEFAULTS.distribution_strategy, config_lib.STRATEGIES,
                   "auto: mirrored with more than one GPU, else default.")
+flags.DEFINE_integer("num_gpus", None, "mirrored: use the first N GPUs (default: all).")
+flags.DEFINE_string("tpu", None, "tpu: the TPU name or address for TPUClusterResolver.")
+flags.DEFINE_enum("mixed_precision", _DEFAULTS.mixed_precision, config_lib.PRECISIONS,
+                  "auto: mixed_float16 on GPUs of compute capability >= 7.0, mixed_bfloat16 on TPU, "
+                  "float32 on CPU. The final layer, the loss and the export's outputs stay float32.")
+flags.DEFINE_boolean("jit_compile", _DEFAULTS.jit_compile, "Compile train steps with XLA.")
+flags.DEFINE_integer("steps_per_execution", _DEFAULTS.steps_per_execution,
+                     "Train steps per tf.function call (fewer host round trips on fast accelerators).")
+flags.DEFINE_boolean("scale_lr_with_batch", _DEFAULTS.scale_lr_with_batch,
+                     "Multiply both learning rates by the number of replicas (linear scaling rule).")
 flags.DEFINE_integer("steps_per_epoch", None, "Cap on train steps per epoch, for short runs.")
 flags.DEFINE_integer("eval_steps", None, "Cap on validation and test steps, for short runs.")
 

@@ -25,6 +25,7 @@ from tl_keras import export as export_lib
 from tl_keras import feature_cache
 from tl_keras import input_pipeline
 from tl_keras import models
+from tl_keras import multi_worker_compat
 from tl_keras import predict as predict_lib
 from tl_keras import report as report_lib
 from tl_keras.config import Config
@@ -74,9 +75,33 @@ def run(config: Config, strategy: tf.distribute.Strategy | None = None,
     """
     if config.mode == "predict":
         return predict_lib.run(config)  # The exported SavedModel alone: no strategy, data or model code.
-    strategy = strategy or distribute.get_strategy(config.distribution_strategy)
+    strategy = strategy or distribute.get_strategy(config.distribution_strategy, config.num_gpus, config.tpu)
     distribute.check_batch_size(config.batch_size, strategy)
+    multi_worker_compat.install(strategy)
+    precision = distribute.resolve_precision(config.mixed_precision, strategy)
+    distribute.check_combination(precision, config.jit_compile, strategy)
+    keras.mixed_precision.set_global_policy(precision)
+    own_dir = distribute.worker_model_dir(config.model_dir, strategy)
+    if own_dir != config.model_dir:
+        logging.info("Not the chief: writing to %s instead of %s.", own_dir, config.model_dir)
+        config = dataclasses.replace(config, model_dir=own_dir)
+    try:
+        return _run(config, strategy, splits, precision)
+    finally:
+        if not distribute.is_chief(strategy):
+            shutil.rmtree(config.model_dir, ignore_errors=True)
+
+
+def _run(config: Config, strategy, splits, precision: str) -> dict:
     _prepare_model_dir(config)
+    if precision != "float32":
+        logging.info("Mixed precision: %s.", precision)
+    if config.scale_lr_with_batch and strategy.num_replicas_in_sync > 1:
+        replicas = strategy.num_replicas_in_sync
+        config = dataclasses.replace(config, head_learning_rate=config.head_learning_rate * replicas,
+                                     finetune_learning_rate=config.finetune_learning_rate * replicas)
+        logging.info("Learning rates scaled by %d replicas: %g (head), %g (fine-tune).", replicas,
+                     config.head_learning_rate, config.finetune_learning_rate)
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
     keras.utils.set_random_seed(config.seed)
@@ -126,13 +151,22 @@ def build_data(config: Config, splits: input_pipeline.Splits) -> Data:
 
     return Data(
         splits=splits,
-        train=train,
-        validation=(input_pipeline.build_eval_dataset(splits.validation, preprocess, batch, classes)
+        train=lambda start_epoch=0, skip_steps=0: shard_by_data(train(start_epoch, skip_steps)),
+        validation=(shard_by_data(input_pipeline.build_eval_dataset(splits.validation, preprocess, batch,
+                                                                    classes))
                     if splits.validation is not None else None),
-        test=input_pipeline.build_eval_dataset(splits.test, preprocess, batch, classes),
+        test=shard_by_data(input_pipeline.build_eval_dataset(splits.test, preprocess, batch, classes)),
         train_steps=steps,
         eval_steps=config.eval_steps,
     )
+
+
+def shard_by_data(ds: tf.data.Dataset) -> tf.data.Dataset:
+    """Multi-worker input: every worker reads the source and keeps its share of the batches. File
+    sharding would need at least one file per worker, which TFDS splits and folders may not have."""
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return ds.with_options(options)
 
 
 def train_and_export(config: Config, strategy, data: Data) -> dict:
@@ -149,7 +183,12 @@ def train_and_export(config: Config, strategy, data: Data) -> dict:
             config.head_units, config.head_batchnorm, config.dropout)
         if state.save_id:
             checkpointing.restore(config.model_dir, state, model)
-    cache = _open_feature_cache(config, data) if use_feature_cache(config) else None
+    cache = None
+    if use_feature_cache(config):
+        if multi_worker_compat.needed(strategy):
+            logging.info("Feature caching is off under multi-worker training: each worker would extract.")
+        else:
+            cache = _open_feature_cache(config, data)
     metrics = _read_metrics(config.model_dir)
 
     if state.phase == "head":
@@ -198,8 +237,8 @@ def train_head(model: keras.Model, phase: PhaseData, config: Config, strategy, t
     start = time.time()
     with strategy.scope():
         models.freeze_backbone(model)
-        per_call = (_steps_per_execution(train_steps, state.step, config.save_every_steps)
-                    if phase.model is not model else 1)
+        per_call = _steps_per_execution(train_steps, state.step, config.save_every_steps,
+                                        max(config.steps_per_execution, 16 if phase.model is not model else 1))
         _compile(phase.model, config.head_learning_rate, config, model.output.shape[-1], per_call)
         if state.epoch or state.step:
             checkpointing.restore(config.model_dir, state, model, phase.model)
@@ -215,7 +254,10 @@ def fine_tune(model: keras.Model, phase: PhaseData, config: Config, strategy, tr
     start = time.time()
     with strategy.scope():
         models.unfreeze_backbone(model, config.fine_tune_at)
-        _compile(phase.model, finetune_schedule(config, train_steps), config, model.output.shape[-1])
+        per_call = _steps_per_execution(train_steps, state.step, config.save_every_steps,
+                                        config.steps_per_execution)
+        _compile(phase.model, finetune_schedule(config, train_steps), config, model.output.shape[-1],
+                 per_call)
         if state.epoch > config.head_epochs or (state.epoch == config.head_epochs and state.step):
             checkpointing.restore(config.model_dir, state, model, phase.model)
     logging.info("Phase 2 (fine-tune): %d trainable weights, %d epochs from %s, training %s.",
@@ -277,7 +319,7 @@ def steps_per_execution(train_steps: int, limit: int = 16) -> int:
 
 def _steps_per_execution(train_steps: int, skip: int, save_every: int | None, limit: int = 16) -> int:
     counts = [train_steps, train_steps - skip] + ([save_every] if save_every else [])
-    return max(d for d in range(1, limit + 1) if all(c % d == 0 for c in counts))
+    return max(d for d in range(1, max(1, limit) + 1) if all(c % d == 0 for c in counts))
 
 
 def _compile(model: keras.Model, learning_rate, config: Config, num_classes: int,
@@ -285,6 +327,7 @@ def _compile(model: keras.Model, learning_rate, config: Config, num_classes: int
     """Always a fresh optimizer: a changed trainable set must never reuse stale optimizer slots."""
     model.compile(
         steps_per_execution=steps_per_execution,
+        jit_compile=config.jit_compile,
         optimizer=keras.optimizers.Adam(learning_rate),
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
         metrics=[

@@ -1,0 +1,154 @@
+"""Distribution: strategies, replica equivalence, multi-worker through TF_CONFIG, precision."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tl_keras import distribute
+from tl_keras import models
+from tl_keras import train
+from tl_keras.errors import UserError
+
+from conftest import make_examples
+from test_cli import REPO, tiny_tfds_dir  # noqa: F401  (fixture)
+
+
+@pytest.fixture(autouse=True)
+def float32_policy():
+    yield
+    keras.mixed_precision.set_global_policy("float32")
+
+
+def _one_step(strategy, weights, images, labels):
+    with strategy.scope():
+        model = models.build_classifier("tiny", 32, 3, "none", head_units=(8,), head_batchnorm=False,
+                                        dropout=0.0)
+        model.set_weights(weights)
+        model.compile(optimizer=keras.optimizers.SGD(0.1), loss="categorical_crossentropy")
+    ds = tf.data.Dataset.from_tensors((images, labels))
+    history = model.fit(ds, epochs=1, verbose=0)
+    return history.history["loss"][0], model.get_weights()
+
+
+def test_two_replicas_match_one_at_the_same_global_batch(mirrored_strategy):
+    """Global batch 8 on 1 replica and 2 x 4 on 2 replicas: the same loss and the same update."""
+    keras.utils.set_random_seed(0)
+    weights = models.build_classifier("tiny", 32, 3, "none", head_units=(8,), head_batchnorm=False,
+                                      dropout=0.0).get_weights()
+    images, labels = make_examples(8, seed=4)
+    images = models.get_preprocessing("tiny", 32)(images)
+    labels = tf.one_hot(labels, 3)
+    loss_one, weights_one = _one_step(tf.distribute.get_strategy(), weights, images, labels)
+    loss_two, weights_two = _one_step(mirrored_strategy, weights, images, labels)
+    assert mirrored_strategy.num_replicas_in_sync == 2
+    assert loss_two == pytest.approx(loss_one, rel=1e-5)
+    changed = [not np.allclose(a, b) for a, b in zip(weights, weights_one)]
+    assert any(changed), "the step did not change the weights"
+    for a, b in zip(weights_one, weights_two):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_auto_is_default_without_gpus():
+    assert distribute.get_strategy("auto") is tf.distribute.get_strategy()
+
+
+def test_multi_worker_without_tf_config_is_a_user_error(monkeypatch):
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    with pytest.raises(UserError, match="TF_CONFIG"):
+        distribute.get_strategy("multi_worker")
+
+
+def test_precision_auto_is_float32_on_cpu():
+    assert distribute.resolve_precision("auto", tf.distribute.get_strategy()) == "float32"
+
+
+def test_known_crash_combination_is_refused(make_config, tiny_splits, mirrored_strategy):
+    config = make_config(mixed_precision="mixed_float16", jit_compile=True)
+    with pytest.raises(UserError, match="Received: jit_compile=True"):
+        train.run(config, strategy=mirrored_strategy, splits=tiny_splits)
+
+
+def test_mixed_bfloat16_trains_and_exports_float32(make_config, tiny_splits):
+    config = make_config(mixed_precision="mixed_bfloat16")
+    metrics = train.run(config, splits=tiny_splits)
+    served = tf.saved_model.load(metrics["export_path"]).signatures["serving_default"](
+        images=tf.constant(make_examples(2, seed=1)[0]))
+    assert served["probabilities"].dtype == tf.float32
+    np.testing.assert_allclose(served["probabilities"].numpy().sum(1), 1.0, atol=1e-3)
+
+
+def test_scale_lr_with_batch(make_config, tiny_splits, mirrored_strategy, monkeypatch):
+    seen = []
+    real = train._compile
+    monkeypatch.setattr(train, "_compile", lambda model, lr, *a, **k: (seen.append(lr), real(model, lr, *a, **k)))
+    train.run(make_config(scale_lr_with_batch=True, finetune_epochs=0), strategy=mirrored_strategy,
+              splits=tiny_splits)
+    assert seen[0] == pytest.approx(2 * 1e-3)
+
+
+def _free_ports(n):
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def _run_two_workers(data_dir, model_dir, extra_env=None, timeout=420):
+    ports = _free_ports(2)
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+    args = ["--flagfile=configs/smoke.flags", "--dataset=tiny_shapes", f"--data_dir={data_dir}",
+            "--backbone=tiny", "--weights=none", "--fine_tune_at=block2_conv1", "--batch_size=4",
+            "--steps_per_epoch=2", "--eval_steps=1", "--head_units=8", "--distribution_strategy=multi_worker",
+            f"--model_dir={model_dir}"]
+    processes = []
+    for index in range(2):
+        env = dict(os.environ, PYTHONPATH=REPO, **(extra_env or {}),
+                   TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}))
+        processes.append(subprocess.Popen([sys.executable, "-m", "tl_keras.main", *args], cwd=REPO, env=env,
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    results = []
+    try:
+        for process in processes:
+            stdout, stderr = process.communicate(timeout=timeout)
+            results.append((process.returncode, stderr + stdout))
+    except subprocess.TimeoutExpired:
+        results = [(None, "timed out")] * 2
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    return results
+
+
+def test_multi_worker_runs_both_phases_with_one_export(tmp_path, tiny_tfds_dir):  # noqa: F811
+    model_dir = tmp_path / "run"
+    results = _run_two_workers(tiny_tfds_dir, model_dir)
+    for code, stderr in results:
+        assert code == 0, stderr[-3000:]
+    assert "Not the chief" in results[1][1] and "Not the chief" not in results[0][1]
+    assert sorted(os.listdir(model_dir / "export")) == ["1", "labels.txt"]
+    metrics = json.loads((model_dir / "metrics.json").read_text())
+    assert {"head", "finetune"} <= set(metrics)
+    # Both workers trained the same model: identical losses in their logs.
+    losses = [[line.split(" loss: ")[1].split()[0] for line in output.splitlines() if " loss: " in line]
+              for _, output in results]
+    assert losses[0] and losses[0] == losses[1]
+
+
+def test_multi_worker_fails_without_the_compat_fix(tmp_path, tiny_tfds_dir):  # noqa: F811
+    results = _run_two_workers(tiny_tfds_dir, tmp_path / "run",
+                               extra_env={"TL_KERAS_DISABLE_MULTI_WORKER_COMPAT": "1"}, timeout=240)
+    assert all(code != 0 for code, _ in results)
+    assert any("PerReplica" in stderr or "reduction dimension" in stderr or "timed out" in stderr
+               for _, stderr in results)
