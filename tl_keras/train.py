@@ -15,6 +15,7 @@ from tl_keras import callbacks as callbacks_lib
 from tl_keras import distribute
 from tl_keras import export as export_lib
 from tl_keras import feature_cache
+from tl_keras import folder_dataset
 from tl_keras import input_pipeline
 from tl_keras import models
 from tl_keras.config import Config
@@ -35,6 +36,7 @@ class Data:
     test: tf.data.Dataset
     train_steps: int
     eval_steps: int | None
+    class_weight: dict | None = None
 
 
 def run(config: Config, strategy: tf.distribute.Strategy | None = None,
@@ -49,9 +51,7 @@ def run(config: Config, strategy: tf.distribute.Strategy | None = None,
     _prepare_model_dir(config)
     keras.utils.set_random_seed(config.seed)
     if splits is None:
-        splits = input_pipeline.load_tfds(
-            config.dataset, config.data_dir, config.train_split, config.test_split,
-            config.validation_split, config.seed)
+        splits = load_splits(config)
     _write_text(os.path.join(config.model_dir, "labels.txt"), "\n".join(splits.class_names) + "\n")
     data = build_data(config, splits)
     if config.mode == "train":
@@ -67,6 +67,17 @@ def run(config: Config, strategy: tf.distribute.Strategy | None = None,
     return {"export_path": path}
 
 
+def load_splits(config: Config) -> input_pipeline.Splits:
+    """The raw splits that --dataset names: your own images (folder:PATH) or a TFDS dataset."""
+    if folder_dataset.is_folder(config.dataset):
+        return folder_dataset.load_folder(
+            folder_dataset.folder_path(config.dataset), config.validation_split,
+            config.test_split_fraction, config.seed, config.strict)
+    return input_pipeline.load_tfds(
+        config.dataset, config.data_dir, config.train_split, config.test_split,
+        config.validation_split, config.seed, config.test_split_fraction)
+
+
 def build_data(config: Config, splits: input_pipeline.Splits) -> Data:
     preprocess = models.get_preprocessing(config.backbone, config.image_size)
     batch, classes = config.batch_size, splits.num_classes
@@ -79,7 +90,19 @@ def build_data(config: Config, splits: input_pipeline.Splits) -> Data:
         test=input_pipeline.build_eval_dataset(splits.test, preprocess, batch, classes),
         train_steps=input_pipeline.steps_for(splits.num_train, batch, config.steps_per_epoch),
         eval_steps=config.eval_steps,
+        class_weight=class_weights(config, splits) if config.mode == "train" else None,
     )
+
+
+def class_weights(config: Config, splits: input_pipeline.Splits) -> dict | None:
+    """Per-class loss weights for --class_weight=balanced, logged so that a run shows what it used."""
+    if config.class_weight == "none":
+        return None
+    counts = input_pipeline.train_class_counts(splits)
+    weights = input_pipeline.balanced_class_weights(counts)
+    logging.info("Class weights (%s): %s.", config.class_weight, ", ".join(
+        f"{name} {weights[c]:.3f} ({counts[c]} images)" for c, name in enumerate(splits.class_names)))
+    return weights
 
 
 @dataclasses.dataclass
@@ -103,11 +126,13 @@ def train_and_export(config: Config, strategy, data: Data) -> dict:
     best = -math.inf
     if config.head_epochs:
         phase = _head_phase_data(model, config, strategy, data, cache)
-        metrics["head"], best = train_head(model, phase, config, strategy, data.train_steps)
+        metrics["head"], best = train_head(model, phase, config, strategy, data.train_steps,
+                                           class_weight=data.class_weight)
         _update_metrics(config.model_dir, metrics)
     if config.finetune_epochs:
         phase = _finetune_phase_data(model, config, strategy, data, cache)
-        metrics["finetune"], best = fine_tune(model, phase, config, strategy, data.train_steps, best)
+        metrics["finetune"], best = fine_tune(model, phase, config, strategy, data.train_steps, best,
+                                              class_weight=data.class_weight)
         _update_metrics(config.model_dir, metrics)
     callbacks_lib.save_weights_atomically(
         model, os.path.join(config.model_dir, "checkpoints", callbacks_lib.LATEST))
@@ -118,7 +143,8 @@ def train_and_export(config: Config, strategy, data: Data) -> dict:
     return metrics
 
 
-def train_head(model: keras.Model, phase: PhaseData, config: Config, strategy, train_steps: int):
+def train_head(model: keras.Model, phase: PhaseData, config: Config, strategy, train_steps: int,
+               class_weight: dict | None = None):
     """Phase 1: backbone frozen, only the head learns. Returns (phase metrics, best val accuracy)."""
     start = time.time()
     with strategy.scope():
@@ -129,7 +155,7 @@ def train_head(model: keras.Model, phase: PhaseData, config: Config, strategy, t
     callbacks = callbacks_lib.build_callbacks(model, config.model_dir)
     phase.model.fit(phase.train, epochs=config.head_epochs, steps_per_epoch=train_steps,
                     validation_data=phase.validation, validation_steps=config.eval_steps,
-                    callbacks=callbacks, shuffle=False, verbose=2)
+                    callbacks=callbacks, shuffle=False, verbose=2, class_weight=class_weight)
     metrics = evaluate(phase.model, phase.test, config.eval_steps)
     metrics["wall_seconds"] = round(time.time() - start, 2)
     logging.info("Phase 1 test accuracy %.4f (top-5 %.4f) after %.0f s.", metrics["test_accuracy"],
@@ -138,7 +164,7 @@ def train_head(model: keras.Model, phase: PhaseData, config: Config, strategy, t
 
 
 def fine_tune(model: keras.Model, phase: PhaseData, config: Config, strategy, train_steps: int,
-              best: float = -math.inf):
+              best: float = -math.inf, class_weight: dict | None = None):
     """Phase 2: unfreeze from fine_tune_at, recompile with a fresh, low, warmed-up cosine schedule."""
     start = time.time()
     with strategy.scope():
@@ -151,7 +177,7 @@ def fine_tune(model: keras.Model, phase: PhaseData, config: Config, strategy, tr
     phase.model.fit(phase.train, initial_epoch=config.head_epochs,
                     epochs=config.head_epochs + config.finetune_epochs, steps_per_epoch=train_steps,
                     validation_data=phase.validation, validation_steps=config.eval_steps,
-                    callbacks=callbacks, shuffle=False, verbose=2)
+                    callbacks=callbacks, shuffle=False, verbose=2, class_weight=class_weight)
     metrics = evaluate(phase.model, phase.test, config.eval_steps)
     metrics["wall_seconds"] = round(time.time() - start, 2)
     logging.info("Phase 2 test accuracy %.4f (top-5 %.4f) after %.0f s.", metrics["test_accuracy"],
@@ -188,6 +214,10 @@ def _open_feature_cache(config: Config, data: Data) -> feature_cache.FeatureCach
         preprocessing=backbones.BACKBONES[config.backbone].preprocess_module,
         num_train=data.splits.num_train, num_test=data.splits.num_test,
     )
+    if config.test_split_fraction:
+        key["test_split_fraction"] = config.test_split_fraction
+    if data.splits.fingerprint:  # Folder datasets: which files, so that changed images are noticed.
+        key["examples"] = data.splits.fingerprint
     return feature_cache.FeatureCache(os.path.join(config.model_dir, "feature_cache"), key)
 
 
@@ -316,6 +346,6 @@ def _update_metrics(model_dir: str, new: dict):
 def _write_text(path: str, text: str):
     """Write atomically (temp file, then rename), so a kill never leaves a half-written file."""
     tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
+    with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
     os.replace(tmp, path)
