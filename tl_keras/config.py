@@ -20,6 +20,8 @@ RESUME_MAY_CHANGE = frozenset({
 # Settings that define the model's architecture; evaluate, export and predict need them unchanged.
 ARCHITECTURE = frozenset({"backbone", "image_size", "head_units", "head_batchnorm", "dataset"})
 AUGMENTATIONS = ("none", "flip", "flip_translate")
+CLASS_WEIGHTS = ("none", "balanced")
+FOLDER_PREFIX = "folder:"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +34,9 @@ class Config:
     train_split: str = "train"
     test_split: str = "test"
     validation_split: float = 0.1
+    test_split_fraction: float = 0.0
+    strict: bool = False
+    class_weight: str = "none"
     image_size: int = 32
     batch_size: int = 64
     backbone: str = "vgg16"
@@ -106,6 +111,18 @@ class Config:
             _fail("--batch_size must be positive", batch_size=self.batch_size)
         if not 0.0 <= self.validation_split < 1.0:
             _fail("--validation_split must be in [0, 1)", validation_split=self.validation_split)
+        if not 0.0 <= self.test_split_fraction < 1.0:
+            _fail("--test_split_fraction must be in [0, 1)", test_split_fraction=self.test_split_fraction)
+        if self.validation_split + self.test_split_fraction >= 1.0:
+            _fail("--validation_split plus --test_split_fraction must leave training data (sum below 1)",
+                  test_split_fraction=self.test_split_fraction)
+        if self.dataset.startswith(FOLDER_PREFIX):
+            folder = os.path.expanduser(self.dataset[len(FOLDER_PREFIX):])
+            if not folder or not os.path.isdir(folder):
+                _fail("--dataset=folder:PATH needs PATH to be a directory with one subfolder per class",
+                      dataset=self.dataset)
+        if self.class_weight not in CLASS_WEIGHTS:
+            _fail(f"--class_weight must be one of {', '.join(CLASS_WEIGHTS)}", class_weight=self.class_weight)
         if self.weights_path is not None:
             if not self.weights_path.endswith(".h5"):
                 _fail("--weights must be imagenet, none or a .h5 weights file", weights=self.weights)

@@ -29,13 +29,18 @@ flags.DEFINE_boolean("deterministic", _DEFAULTS.deterministic,
                      "Enable TensorFlow op determinism: the same seed gives the same run, resumed or not.")
 
 # Data.
-flags.DEFINE_string("dataset", _DEFAULTS.dataset, "TFDS image-classification dataset name.")
+flags.DEFINE_string("dataset", _DEFAULTS.dataset,
+                    "TFDS image-classification dataset name (any with an Image and a ClassLabel feature), "
+                    "or folder:PATH for your own images, one subfolder per class (optionally under "
+                    "train/, val/ or validation/, and test/).")
 flags.DEFINE_string("data_dir", None,
                     "TFDS data directory. Point it at a prepared copy to run offline.")
 flags.DEFINE_string("train_split", _DEFAULTS.train_split, "TFDS split to train on, e.g. train[:10%].")
-flags.DEFINE_string("test_split", _DEFAULTS.test_split, "TFDS split reported as test accuracy.")
+flags.DEFINE_string("test_split", _DEFAULTS.test_split,
+                    "TFDS split reported as test accuracy, e.g. test or train[90%:].")
 flags.DEFINE_float("validation_split", _DEFAULTS.validation_split,
-                   "Fraction of the train split held out (seeded) for per-epoch validation. 0 disables.")
+                   "Fraction of the train split held out (seeded) for per-epoch validation. 0 disables. "
+                   "Data with its own validation split (TFDS 'validation', a folder's val/) uses that.")
 flags.DEFINE_integer("image_size", _DEFAULTS.image_size, "Side in pixels that images are resized to.")
 flags.DEFINE_integer("batch_size", _DEFAULTS.batch_size,
                      "Global batch size, split across replicas; must divide by their number.")
@@ -43,6 +48,14 @@ flags.DEFINE_enum("augment", _DEFAULTS.augment, config_lib.AUGMENTATIONS,
                   "Training augmentation: none, random horizontal flips, or flips plus random "
                   "translations of up to 1/8 of the side.")
 flags.DEFINE_integer("seed", _DEFAULTS.seed, "Seed for the validation hold-out, shuffling and augmentation.")
+flags.DEFINE_float("test_split_fraction", _DEFAULTS.test_split_fraction,
+                   "Fraction held out (seeded; stratified for folders) as the test split when the data "
+                   "has none: a folder without test/, or a TFDS dataset without a 'test' split. "
+                   "0: report accuracy on the validation split instead.")
+flags.DEFINE_boolean("strict", _DEFAULTS.strict,
+                     "Fail on unreadable images in a folder dataset instead of skipping them with a warning.")
+flags.DEFINE_enum("class_weight", _DEFAULTS.class_weight, config_lib.CLASS_WEIGHTS,
+                  "balanced: weight the training loss by n / (classes * n_class), for imbalanced data.")
 
 # Model.
 flags.DEFINE_enum("backbone", _DEFAULTS.backbone, sorted(backbones.BACKBONES),

@@ -2,6 +2,7 @@
 
 import dataclasses
 import math
+import re
 
 from absl import logging
 import numpy as np
@@ -27,6 +28,10 @@ class Splits:
     num_test: int
     validation: tf.data.Dataset | None = None
     num_validation: int = 0
+    # What a loader may know for free: per-class train counts (for class weights) and an id of the
+    # exact examples (for cache keys). None when unknown.
+    train_class_counts: list | None = None
+    fingerprint: str | None = None
 
     @property
     def num_classes(self) -> int:
@@ -40,8 +45,15 @@ def load_tfds(
     test_split: str,
     validation_split: float,
     seed: int,
+    test_split_fraction: float = 0.0,
 ) -> Splits:
-    """Load a TFDS image-classification dataset, downloading it if it is not prepared yet."""
+    """Load a TFDS image-classification dataset, downloading it if it is not prepared yet.
+
+    Any dataset with an Image and a ClassLabel feature works. Validation comes from the dataset's own
+    'validation' split when it has one that train_split and test_split leave unused, else it is
+    carved from train. A dataset without a 'test' split (and --test_split=test) gets its test split
+    carved from train with test_split_fraction, or is scored on validation.
+    """
     import tensorflow_datasets as tfds  # Heavy, and only this loader needs it.
 
     try:
@@ -55,7 +67,7 @@ def load_tfds(
             f"Could not download or prepare TFDS dataset '{name}' ({first_line(e)}). To run offline, "
             f"pass --data_dir=DIR where DIR/{name}/ holds a prepared copy. Received: data_dir={data_dir}"
         ) from None
-    image_key, label_key = builder.info.supervised_keys or ("image", "label")
+    image_key, label_key = _feature_keys(builder.info, name)
     class_names = list(builder.info.features[label_key].names)
 
     def load(split):
@@ -63,17 +75,83 @@ def load_tfds(
             ds = builder.as_dataset(split=split, shuffle_files=False)
         except (ValueError, KeyError) as e:
             raise UserError(f"Bad split for {name} ({first_line(e)}). Received: split={split}") from None
-        ds = ds.map(lambda ex: (ex[image_key], ex[label_key]), num_parallel_calls=AUTOTUNE)
+        ds = ds.map(lambda ex: (to_rgb_uint8(ex[image_key]), ex[label_key]), num_parallel_calls=AUTOTUNE)
         return ds, _num_examples(builder.info, split, ds)
 
+    available = set(builder.info.splits.keys())  # Empty for mock data.
+    carve_test = bool(available) and test_split == "test" and "test" not in available
     train, num_train = load(train_split)
-    test, num_test = load(test_split)
+    test, num_test = (None, 0) if carve_test else load(test_split)
     splits = Splits(train=train, test=test, class_names=class_names, num_train=num_train, num_test=num_test)
-    if validation_split > 0:
+    if carve_test:
+        logging.warning("%s has no 'test' split (splits: %s); %s.", name, ", ".join(sorted(available)),
+                        f"holding out {test_split_fraction:g} of {train_split} as test" if test_split_fraction
+                        else "pass --test_split_fraction or --test_split=SPLIT for a test split")
+        if test_split_fraction:
+            splits = hold_out_test(splits, test_split_fraction, seed)
+            validation_split /= 1 - test_split_fraction  # Both are fractions of the whole train split.
+    used = _split_names(train_split) | _split_names(test_split)
+    if validation_split > 0 and "validation" in available and "validation" not in used:
+        logging.info("Validating on %s's own 'validation' split.", name)
+        validation, num_validation = load("validation")
+        splits = dataclasses.replace(splits, validation=validation, num_validation=num_validation)
+    elif validation_split > 0:
         splits = hold_out_validation(splits, validation_split, seed)
+    if splits.test is None:
+        if splits.validation is None:
+            raise UserError(f"{name} has no 'test' split, and no validation split to score on; pass "
+                            f"--test_split=SPLIT or --test_split_fraction. Received: test_split={test_split}")
+        logging.warning("The test accuracy reported is measured on the validation split.")
+        splits = dataclasses.replace(splits, test=splits.validation, num_test=splits.num_validation)
     logging.info("Dataset %s: %d train, %d validation, %d test examples, %d classes.", name,
                  splits.num_train, splits.num_validation, splits.num_test, splits.num_classes)
     return splits
+
+
+def _feature_keys(info, name: str):
+    """(image feature, label feature): the supervised keys, else the one (or the so named) Image and
+    ClassLabel features."""
+    import tensorflow_datasets as tfds
+
+    features = dict(info.features.items())
+    images = [k for k, f in features.items() if isinstance(f, tfds.features.Image)]
+    labels = [k for k, f in features.items() if isinstance(f, tfds.features.ClassLabel)]
+    keys = info.supervised_keys
+    if keys and len(keys) == 2 and keys[0] in images and keys[1] in labels:
+        return tuple(keys)
+
+    def pick(candidates, preferred):
+        return preferred if preferred in candidates else (candidates[0] if len(candidates) == 1 else None)
+
+    image_key, label_key = pick(images, "image"), pick(labels, "label")
+    if image_key is None or label_key is None:
+        raise UserError(f"{name} is not an image-classification dataset: it needs one Image and one "
+                        f"ClassLabel feature (it has {', '.join(sorted(features)) or 'none'}). "
+                        f"Received: dataset={name}")
+    return image_key, label_key
+
+
+def _split_names(split: str) -> set:
+    """The split names that a TFDS split string such as 'train[:90%]+validation' reads."""
+    return {part.strip() for part in re.sub(r"\[[^\]]*\]", "", split).split("+")}
+
+
+def to_rgb_uint8(image: tf.Tensor) -> tf.Tensor:
+    """Any TFDS image (uint8 or uint16; gray, gray+alpha, RGB or RGBA) -> uint8 [H, W, 3]."""
+    if image.dtype != tf.uint8:
+        image = tf.image.convert_image_dtype(image, tf.uint8, saturate=True)
+    channels = image.shape[-1]
+    if channels == 3:
+        return image
+    if channels in (1, 2):
+        rgb = tf.tile(image[..., :1], [1, 1, 3])
+    elif channels == 4:
+        rgb = image[..., :3]
+    else:
+        rgb = tf.cond(tf.shape(image)[-1] < 3, lambda: tf.tile(image[..., :1], [1, 1, 3]),
+                      lambda: image[..., :3])
+    rgb.set_shape(image.shape[:-1].concatenate([3]))
+    return rgb
 
 
 def _num_examples(info, split: str, ds: tf.data.Dataset) -> int:
@@ -110,7 +188,38 @@ def hold_out_validation(splits: Splits, fraction: float, seed: int) -> Splits:
         num_train=n - num_validation,
         validation=pick(True).apply(tf.data.experimental.assert_cardinality(num_validation)),
         num_validation=num_validation,
+        train_class_counts=None,
     )
+
+
+def hold_out_test(splits: Splits, fraction: float, seed: int) -> Splits:
+    """Move a seeded random `fraction` of train into test, for data that has no test split."""
+    if round(splits.num_train * fraction) >= splits.num_train:
+        raise UserError(f"--test_split_fraction leaves no training examples out of {splits.num_train}. "
+                        f"Received: test_split_fraction={fraction}")
+    held = hold_out_validation(dataclasses.replace(splits, validation=None, num_validation=0),
+                               fraction, seed + 1)
+    return dataclasses.replace(held, test=held.validation, num_test=held.num_validation,
+                               validation=splits.validation, num_validation=splits.num_validation)
+
+
+def train_class_counts(splits: Splits) -> np.ndarray:
+    """Training examples per class: known to folder loaders, else counted in one pass over labels."""
+    if splits.train_class_counts is not None:
+        return np.asarray(splits.train_class_counts, np.int64)
+    counts = np.zeros(splits.num_classes, np.int64)
+    labels = splits.train.map(lambda image, label: label, num_parallel_calls=AUTOTUNE)
+    for batch in labels.batch(4096).as_numpy_iterator():
+        counts += np.bincount(batch.astype(np.int64), minlength=splits.num_classes)
+    return counts
+
+
+def balanced_class_weights(counts) -> dict:
+    """Weights n / (k * n_c), as scikit-learn's 'balanced': every class weighs the same in total, and
+    the mean weight per example is 1. k counts the classes present; an absent one gets 1.0, unused."""
+    counts = np.asarray(counts)
+    total, k = counts.sum(), np.count_nonzero(counts)
+    return {c: float(total / (k * n)) if n else 1.0 for c, n in enumerate(counts)}
 
 
 def preprocess_and_cache(examples: tf.data.Dataset, preprocess) -> tf.data.Dataset:

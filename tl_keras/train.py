@@ -23,6 +23,7 @@ from tl_keras import config as config_lib
 from tl_keras import distribute
 from tl_keras import export as export_lib
 from tl_keras import feature_cache
+from tl_keras import folder_dataset
 from tl_keras import input_pipeline
 from tl_keras import models
 from tl_keras import multi_worker_compat
@@ -53,6 +54,7 @@ class Data:
     test: tf.data.Dataset
     train_steps: int
     eval_steps: int | None
+    class_weight: dict | None = None
 
 
 @dataclasses.dataclass
@@ -64,6 +66,7 @@ class PhaseData:
     train: Callable[[int, int], tf.data.Dataset]
     validation: tf.data.Dataset | None
     test: tf.data.Dataset
+    class_weight: dict | None = None
 
 
 def run(config: Config, strategy: tf.distribute.Strategy | None = None,
@@ -112,9 +115,7 @@ def _run(config: Config, strategy, splits, precision: str) -> dict:
                          config.model_dir)
             return _read_metrics(config.model_dir)
     if splits is None:
-        splits = input_pipeline.load_tfds(
-            config.dataset, config.data_dir, config.train_split, config.test_split,
-            config.validation_split, config.seed)
+        splits = load_splits(config)
     _write_text(os.path.join(config.model_dir, "labels.txt"), "\n".join(splits.class_names) + "\n")
     data = build_data(config, splits)
     if config.mode == "train":
@@ -138,6 +139,17 @@ def _export(model: keras.Model, config: Config, class_names, version_dir: str | 
         tflite=config.export_tflite, version_dir=version_dir)
 
 
+def load_splits(config: Config) -> input_pipeline.Splits:
+    """The raw splits that --dataset names: your own images (folder:PATH) or a TFDS dataset."""
+    if folder_dataset.is_folder(config.dataset):
+        return folder_dataset.load_folder(
+            folder_dataset.folder_path(config.dataset), config.validation_split,
+            config.test_split_fraction, config.seed, config.strict)
+    return input_pipeline.load_tfds(
+        config.dataset, config.data_dir, config.train_split, config.test_split,
+        config.validation_split, config.seed, config.test_split_fraction)
+
+
 def build_data(config: Config, splits: input_pipeline.Splits) -> Data:
     preprocess = models.get_preprocessing(config.backbone, config.image_size)
     batch, classes = config.batch_size, splits.num_classes
@@ -158,6 +170,7 @@ def build_data(config: Config, splits: input_pipeline.Splits) -> Data:
         test=shard_by_data(input_pipeline.build_eval_dataset(splits.test, preprocess, batch, classes)),
         train_steps=steps,
         eval_steps=config.eval_steps,
+        class_weight=class_weights(config, splits) if config.mode == "train" else None,
     )
 
 
@@ -167,6 +180,17 @@ def shard_by_data(ds: tf.data.Dataset) -> tf.data.Dataset:
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     return ds.with_options(options)
+
+
+def class_weights(config: Config, splits: input_pipeline.Splits) -> dict | None:
+    """Per-class loss weights for --class_weight=balanced, logged so that a run shows what it used."""
+    if config.class_weight == "none":
+        return None
+    counts = input_pipeline.train_class_counts(splits)
+    weights = input_pipeline.balanced_class_weights(counts)
+    logging.info("Class weights (%s): %s.", config.class_weight, ", ".join(
+        f"{name} {weights[c]:.3f} ({counts[c]} images)" for c, name in enumerate(splits.class_names)))
+    return weights
 
 
 def train_and_export(config: Config, strategy, data: Data) -> dict:
@@ -279,7 +303,7 @@ def _fit(model, phase: PhaseData, config: Config, train_steps: int, state, end_e
         phase.model.fit(phase.train(first, skip), initial_epoch=first, epochs=last,
                         steps_per_epoch=train_steps - skip if skip else train_steps,
                         validation_data=phase.validation, validation_steps=config.eval_steps,
-                        callbacks=callbacks, shuffle=False, verbose=2)
+                        callbacks=callbacks, shuffle=False, verbose=2, class_weight=phase.class_weight)
 
 
 def _phase_metrics(phase: PhaseData, config: Config, start: float, name: str) -> dict:
@@ -353,6 +377,10 @@ def _open_feature_cache(config: Config, data: Data) -> feature_cache.FeatureCach
         preprocessing=backbones.BACKBONES[config.backbone].preprocess_module,
         num_train=data.splits.num_train, num_test=data.splits.num_test,
     )
+    if config.test_split_fraction:
+        key["test_split_fraction"] = config.test_split_fraction
+    if data.splits.fingerprint:  # Folder datasets: which files, so that changed images are noticed.
+        key["examples"] = data.splits.fingerprint
     return feature_cache.FeatureCache(os.path.join(config.model_dir, "feature_cache"), key)
 
 
@@ -391,19 +419,19 @@ def _cached_phase_data(model, config: Config, strategy, data: Data, cache, bound
                   for split in ("validation", "test") if (split, False) in arrays}
     with strategy.scope():
         upper = models.build_model_from(model, boundary)
-    return PhaseData(upper, train, evaluation.get("validation"), evaluation["test"])
+    return PhaseData(upper, train, evaluation.get("validation"), evaluation["test"], data.class_weight)
 
 
 def _head_phase_data(model, config: Config, strategy, data: Data, cache) -> PhaseData:
     if cache is None:
-        return PhaseData(model, data.train, data.validation, data.test)
+        return PhaseData(model, data.train, data.validation, data.test, data.class_weight)
     return _cached_phase_data(model, config, strategy, data, cache, models.HEAD_INPUT)
 
 
 def _finetune_phase_data(model, config: Config, strategy, data: Data, cache) -> PhaseData:
     cut = _finetune_cut(model, config, data) if cache is not None else None
     if cut is None:
-        return PhaseData(model, data.train, data.validation, data.test)
+        return PhaseData(model, data.train, data.validation, data.test, data.class_weight)
     return _cached_phase_data(model, config, strategy, data, cache, cut[1])
 
 
@@ -491,6 +519,6 @@ def _update_metrics(model_dir: str, new: dict):
 def _write_text(path: str, text: str):
     """Write atomically (temp file, then rename), so a kill never leaves a half-written file."""
     tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
+    with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
     os.replace(tmp, path)

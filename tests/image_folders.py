@@ -1,0 +1,101 @@
+"""Generated class-folder datasets for tests: every kind of file that real folders contain."""
+
+import io
+import os
+
+import numpy as np
+from PIL import Image
+
+# Class folder names, sorted: a space and a non-ASCII character, and imbalanced counts.
+CLASSES = {"cat": 12, "dog café": 4, "frog": 6}
+
+
+def photo(label: int, seed: int, size=(36, 44), num_classes: int = 3) -> np.ndarray:
+    """An RGB image whose brightness depends on the class, so a few steps can learn something."""
+    rng = np.random.default_rng(seed)
+    base = label * (200 // max(1, num_classes - 1))
+    return np.clip(base + rng.integers(0, 56, (*size, 3)), 0, 255).astype(np.uint8)
+
+
+def encode(array: np.ndarray, fmt: str, mode: str | None = None, **kwargs) -> bytes:
+    image = Image.fromarray(array)
+    if mode:
+        image = image.convert(mode)
+    out = io.BytesIO()
+    image.save(out, fmt, **kwargs)
+    return out.getvalue()
+
+
+def animated_gif(first: np.ndarray, second: np.ndarray) -> bytes:
+    frames = [Image.fromarray(a).convert("P") for a in (first, second)]
+    out = io.BytesIO()
+    frames[0].save(out, "GIF", save_all=True, append_images=frames[1:], duration=100)
+    return out.getvalue()
+
+
+# Good files, cycled through per class: every accepted format, mode and extension spelling.
+GOOD_KINDS = [
+    ("{i}.jpg", lambda a: encode(a, "JPEG", quality=95)),
+    ("{i} with space.PNG", lambda a: encode(a, "PNG")),
+    ("naïve {i}.jpeg", lambda a: encode(a, "JPEG")),
+    ("gray {i}.png", lambda a: encode(a, "PNG", "L")),
+    ("palette {i}.png", lambda a: encode(a, "PNG", "P")),
+    ("rgba {i}.png", lambda a: encode(a, "PNG", "RGBA")),
+    ("{i}.BMP", lambda a: encode(a, "BMP")),
+    ("animated {i}.gif", lambda a: animated_gif(a, 255 - a)),
+    ("{i}.webp", lambda a: encode(a, "WEBP", lossless=True)),
+    ("png named jpeg {i}.jpg", lambda a: encode(a, "PNG")),
+]
+
+
+def _jpeg(seed):
+    return encode(photo(0, seed), "JPEG")
+
+
+# Broken files: (class folder, name, content, words the skip reason must contain).
+BAD_FILES = [
+    ("cat", "empty.jpg", b"", "empty file"),
+    ("cat", "notes.jpg", b"shopping list: milk, eggs\n", "not an image (text)"),
+    ("dog café", "truncated.JPG", _jpeg(1)[:400], "corrupt, truncated or unsupported JPEG"),
+    ("frog", "corrupt.png", encode(photo(2, 3), "PNG")[:60] + bytes(range(256)) * 4,
+     "corrupt, truncated or unsupported PNG"),
+    ("frog", "scan.png", encode(photo(2, 4), "TIFF"), "TIFF data named .png"),
+    ("cat", "one bit.bmp", encode(photo(0, 5), "BMP", "1"), "corrupt, truncated or unsupported BMP"),
+    ("cat", "garbage.gif", bytes(np.random.default_rng(0).integers(0, 256, 500, dtype=np.uint8)),
+     "not an image (unknown format)"),
+]
+# Not images: ignored by extension (or as hidden files), never decoded.
+NON_IMAGES = [("cat", "readme.txt"), ("dog café", "Thumbs.db"), ("frog", ".DS_Store"),
+              ("frog", "._0.jpg"), ("cat", "labels")]
+
+
+def write(path: str, data: bytes):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+def make_image_folder(root, classes=None, bad=True, seed=0, size=(36, 44)) -> dict:
+    """Write root/CLASS/*.ext; return {class: number of readable images}. With bad=True, add every
+    kind of broken and non-image file, a nested subfolder, and a loose file at the top."""
+    classes = CLASSES if classes is None else classes
+    root = str(root)
+    for label, (name, count) in enumerate(sorted(classes.items())):
+        for i in range(count):
+            filename, make = GOOD_KINDS[(i + label) % len(GOOD_KINDS)]
+            h, w = size[0] + 3 * (i % 4), size[1] - 2 * (i % 3)  # Any size.
+            write(os.path.join(root, name, filename.format(i=i)),
+                  make(photo(label, seed * 1000 + label * 100 + i, (h, w), len(classes))))
+    if bad:
+        for name, filename, data, _ in BAD_FILES:
+            write(os.path.join(root, name, filename), data)
+        for name, filename in NON_IMAGES:
+            write(os.path.join(root, name, filename), b"not an image")
+        write(os.path.join(root, "labels.csv"), b"file,label\n")
+        write(os.path.join(root, ".ipynb_checkpoints", "x.jpg"), _jpeg(9))
+        # Nested folders belong to their class.
+        write(os.path.join(root, "cat", "more", "nested.jpg"), encode(photo(0, 77), "JPEG"))
+    counts = dict(classes)
+    if bad:
+        counts["cat"] += 1
+    return counts

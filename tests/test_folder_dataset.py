@@ -1,0 +1,278 @@
+"""Class-folder datasets: messy files, splits, errors, tolerant decoding and class weights."""
+
+import json
+import logging
+import os
+
+from absl.testing import flagsaver
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tl_keras import flags as tl_flags
+from tl_keras import folder_dataset
+from tl_keras import input_pipeline
+from tl_keras import train
+from tl_keras.errors import UserError
+
+from image_folders import BAD_FILES, CLASSES, animated_gif, encode, make_image_folder, photo, write
+from test_cli import run_cli
+
+
+@pytest.fixture(scope="module")
+def messy_folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("photos") / "my photos"
+    counts = make_image_folder(root)
+    return str(root), counts
+
+
+def _load(root, validation_split=0.25, test_split_fraction=0.2, seed=0, strict=False):
+    return folder_dataset.load_folder(root, validation_split, test_split_fraction, seed, strict)
+
+
+def _examples(ds):
+    return [(image.numpy(), int(label)) for image, label in ds]
+
+
+def _warnings(caplog):
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+
+def test_messy_folder_keeps_every_readable_image_and_names_every_skipped_file(messy_folder, caplog):
+    root, counts = messy_folder
+    with caplog.at_level(logging.INFO, logger="absl"):
+        splits = _load(root)
+    assert splits.class_names == sorted(CLASSES)
+    total = splits.num_train + splits.num_validation + splits.num_test
+    assert total == sum(counts.values())
+    by_label = np.zeros(3, int)
+    for name, ds, n in (("train", splits.train, splits.num_train),
+                        ("validation", splits.validation, splits.num_validation),
+                        ("test", splits.test, splits.num_test)):
+        examples = _examples(ds)
+        assert len(examples) == n, name  # Counts are exact.
+        for image, label in examples:
+            assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[-1] == 3
+            by_label[label] += 1
+    np.testing.assert_array_equal(by_label, [counts[c] for c in sorted(CLASSES)])
+    # One warning lists every skipped file with its reason.
+    skipped = [m for m in _warnings(caplog) if m.startswith("Skipped")]
+    assert len(skipped) == 1
+    assert skipped[0].startswith(f"Skipped {len(BAD_FILES)} of ")
+    for folder, name, _, reason in BAD_FILES:
+        line = next(line for line in skipped[0].splitlines() if f"{folder}/{name}:" in line)
+        assert reason in line, line
+    info = " ".join(r.getMessage() for r in caplog.records)
+    assert "Ignored 6 files" in info and ".txt: 1" in info and "hidden: 2" in info
+    assert "png named jpeg 9.jpg (PNG data)" in info  # Decoded by content, and said so.
+
+
+def test_gray_palette_rgba_and_gif_first_frame_become_rgb(tmp_path):
+    array = photo(1, 5, (20, 30))
+    gray = tmp_path / "a" / "gray.png"
+    write(str(gray), encode(array, "PNG", "L"))
+    write(str(tmp_path / "a" / "anim.gif"), animated_gif(array, 255 - array))
+    write(str(tmp_path / "b" / "rgba.PNG"), encode(array, "PNG", "RGBA"))
+    write(str(tmp_path / "b" / "pal.png"), encode(array, "PNG", "P"))
+    splits = folder_dataset.load_folder(str(tmp_path), 0.0, 0.5, seed=0)
+    images = [image for image, _ in _examples(splits.train) + _examples(splits.test)]
+    assert all(image.shape == (20, 30, 3) for image in images)
+    decoded = {os.path.basename(p): folder_dataset.decode_image(tf.io.read_file(p)).numpy()
+               for p in map(str, [gray, tmp_path / "a" / "anim.gif", tmp_path / "b" / "rgba.PNG"])}
+    assert (decoded["gray.png"][..., 0] == decoded["gray.png"][..., 2]).all()
+    np.testing.assert_array_equal(decoded["rgba.PNG"], array)
+    # The GIF's first frame, not its (inverted) second one.
+    assert abs(decoded["anim.gif"].mean() - array.mean()) < 10
+
+
+def test_stratified_split_is_seeded_and_keeps_every_class(messy_folder):
+    root, counts = messy_folder
+
+    def split_of(seed):
+        splits = _load(root, seed=seed)
+        return {name: sorted(img.tobytes() for img, _ in _examples(ds))
+                for name, ds in (("validation", splits.validation), ("test", splits.test))}, splits
+
+    first, splits = split_of(3)
+    again, _ = split_of(3)
+    other, _ = split_of(4)
+    assert first == again
+    assert first != other
+    validation_labels = [label for _, label in _examples(splits.validation)]
+    test_labels = [label for _, label in _examples(splits.test)]
+    # Every class, even the 4-image one, is held out in proportion (at least one image each).
+    assert set(validation_labels) == set(test_labels) == {0, 1, 2}
+    assert validation_labels.count(0) == round(counts["cat"] * 0.25)
+    assert test_labels.count(0) == round(counts["cat"] * 0.2)
+    assert splits.train_class_counts == [counts[c] - validation_labels.count(i) - test_labels.count(i)
+                                         for i, c in enumerate(sorted(CLASSES))]
+
+
+def test_training_order_is_mixed_not_class_sorted(tmp_path):
+    make_image_folder(tmp_path, {"a": 10, "b": 10}, bad=False)
+    labels = [label for _, label in _examples(folder_dataset.load_folder(str(tmp_path), 0.0, 0.2).train)]
+    assert labels != sorted(labels)
+
+
+def test_no_test_split_scores_on_validation(tmp_path, caplog):
+    make_image_folder(tmp_path, {"a": 4, "b": 4}, bad=False)
+    splits = folder_dataset.load_folder(str(tmp_path), 0.25, 0.0)
+    assert splits.test is splits.validation and splits.num_test == splits.num_validation == 2
+    with pytest.raises(UserError, match="needs a test/ or validation/ folder"):
+        folder_dataset.load_folder(str(tmp_path), 0.0, 0.0)
+
+
+@pytest.mark.parametrize("validation_dir", ["val", "validation"])
+def test_presplit_folders_are_used_as_they_are(tmp_path, validation_dir):
+    make_image_folder(tmp_path / "train", {"a": 5, "b": 3}, bad=False, seed=1)
+    make_image_folder(tmp_path / validation_dir, {"a": 2, "b": 1}, bad=False, seed=2)
+    make_image_folder(tmp_path / "test", {"a": 1, "b": 2}, bad=False, seed=3)
+    splits = folder_dataset.load_folder(str(tmp_path), 0.5, 0.5, seed=0)
+    assert splits.class_names == ["a", "b"]
+    assert (splits.num_train, splits.num_validation, splits.num_test) == (8, 3, 3)
+    assert sorted(label for _, label in _examples(splits.test)) == [0, 1, 1]
+
+
+def test_presplit_without_validation_carves_it_from_train(tmp_path):
+    make_image_folder(tmp_path / "train", {"a": 8, "b": 4}, bad=False)
+    make_image_folder(tmp_path / "test", {"a": 1, "b": 1}, bad=False, seed=3)
+    splits = folder_dataset.load_folder(str(tmp_path), 0.25, 0.0)
+    assert (splits.num_train, splits.num_validation, splits.num_test) == (9, 3, 2)
+
+
+def test_strict_fails_with_one_line(messy_folder):
+    root, _ = messy_folder
+    with pytest.raises(UserError) as error:
+        _load(root, strict=True)
+    message = str(error.value)
+    assert "\n" not in message
+    assert message.startswith(f"{len(BAD_FILES)} of ") and "Received: strict=True" in message
+    assert "cat/empty.jpg (empty file (0 bytes))" in message
+
+
+@pytest.mark.parametrize("setup, expected", [
+    (lambda root: (make_image_folder(root, {"a": 2, "b": 2}, bad=False), os.makedirs(root / "c")),
+     "has no images"),
+    (lambda root: make_image_folder(root, {"only": 3}, bad=False), "only one class"),
+    (lambda root: [write(str(root / c / "x.txt"), b"x") for c in "ab"], "has no images"),
+    (lambda root: write(str(root / "x.jpg"), b"x"), "no class subfolders"),
+    (lambda root: (make_image_folder(root, {"a": 2}, bad=False),
+                   write(str(root / "b" / "bad.jpg"), b""), write(str(root / "b" / "bad2.png"), b"x")),
+     "has no readable images (2 skipped"),
+    (lambda root: (make_image_folder(root / "train", {"a": 2, "b": 2}, bad=False),
+                   make_image_folder(root / "val", {"a": 1, "z": 1}, bad=False)),
+     "'z'"),
+])
+def test_unusable_folders_are_one_line_errors(tmp_path, setup, expected):
+    root = tmp_path / "data"
+    root.mkdir()
+    setup(root)
+    with pytest.raises(UserError) as error:
+        folder_dataset.load_folder(str(root), 0.25, 0.0)
+    message = str(error.value)
+    assert expected in message and "\n" not in message
+    assert message.endswith(f"Received: dataset=folder:{root}")
+
+
+def test_a_file_that_breaks_after_the_check_is_replaced_not_fatal(tmp_path, caplog):
+    make_image_folder(tmp_path, {"a": 3, "b": 3}, bad=False)
+    splits = folder_dataset.load_folder(str(tmp_path), 0.0, 0.3)
+    assert int(splits.train.cardinality()) == splits.num_train == 4
+    sorted((tmp_path / "a").iterdir())[0].write_bytes(b"overwritten by a sync tool")
+    sorted((tmp_path / "b").iterdir())[0].unlink()
+    with caplog.at_level(logging.WARNING, logger="absl"):
+        examples = _examples(splits.train) + _examples(splits.test)
+    # Still exactly as many examples, so steps per epoch hold; broken ones are stood in for.
+    assert len(examples) == 6
+    assert all(image.shape[-1] == 3 for image, _ in examples)
+    assert "became unreadable after the up-front check" in caplog.text
+
+
+def test_class_weight_balanced_reaches_fit(make_config, tmp_path, monkeypatch, caplog):
+    make_image_folder(tmp_path / "data", {"many": 9, "few": 3}, bad=False)
+    seen = []
+    real_fit = keras.Model.fit
+
+    def fit(self, *args, **kwargs):
+        seen.append(kwargs.get("class_weight"))
+        return real_fit(self, *args, **kwargs)
+
+    monkeypatch.setattr(keras.Model, "fit", fit)
+    config = make_config(dataset=f"folder:{tmp_path / 'data'}", class_weight="balanced",
+                         validation_split=0.0, test_split_fraction=0.34, cache_features="true")
+    with caplog.at_level(logging.INFO, logger="absl"):
+        metrics = train.run(config)
+    # 6 "many" and 2 "few" train images: weights 8 / (2 * n).
+    assert seen == [{0: 2.0, 1: 8 / 12}] * 2
+    assert "Class weights (balanced): few 2.000 (2 images), many 0.667 (6 images)." in caplog.text
+    model_dir = config.model_dir
+    with open(os.path.join(model_dir, "labels.txt"), encoding="utf-8") as f:
+        assert f.read() == "few\nmany\n"
+    saved = tf.saved_model.load(metrics["export_path"])
+    out = saved.signatures["serving_default"](images=tf.constant(photo(0, 1)[None]))
+    assert out["class_names"].numpy()[0].decode() in ("few", "many")
+    with open(os.path.join(model_dir, "metrics.json")) as f:
+        assert {"head", "finetune"} <= set(json.load(f))
+
+
+def test_balanced_weights_and_counting_tfds_style_splits(tiny_splits):
+    assert input_pipeline.balanced_class_weights([30, 10, 0]) == {0: 40 / 60, 1: 40 / 20, 2: 1.0}
+    counted = input_pipeline.train_class_counts(tiny_splits)
+    labels = [int(label) for _, label in tiny_splits.train]
+    np.testing.assert_array_equal(counted, np.bincount(labels, minlength=3))
+
+
+def test_changed_files_change_the_fingerprint(tmp_path):
+    make_image_folder(tmp_path, {"a": 3, "b": 3}, bad=False)
+    first = folder_dataset.load_folder(str(tmp_path), 0.0, 0.3).fingerprint
+    assert folder_dataset.load_folder(str(tmp_path), 0.0, 0.3).fingerprint == first
+    write(str(tmp_path / "a" / "new.png"), encode(photo(0, 99), "PNG"))
+    assert folder_dataset.load_folder(str(tmp_path), 0.0, 0.3).fingerprint != first
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(test_split_fraction=1.0), "Received: test_split_fraction=1.0"),
+    (dict(validation_split=0.6, test_split_fraction=0.4),
+     r"\(sum below 1\). Received: test_split_fraction=0.4"),
+    (dict(class_weight="inverse"), "Received: class_weight=inverse"),
+    (dict(dataset="folder:/no/such/folder"), "Received: dataset=folder:/no/such/folder"),
+    (dict(dataset="folder:"), "Received: dataset=folder:"),
+])
+def test_bad_values_name_the_flag_and_value(make_config, overrides, message):
+    with pytest.raises(UserError, match=message):
+        make_config(**overrides)
+
+
+def test_folder_path_with_spaces_and_accents_round_trips_through_flags_txt(make_config, tmp_path):
+    folder = tmp_path / "mes photos d'été"
+    make_image_folder(folder, {"a": 1, "b": 1}, bad=False)
+    config = make_config(dataset=f"folder:{folder}", strict=True, class_weight="balanced",
+                         test_split_fraction=0.2)
+    flagfile = tmp_path / "flags.txt"
+    train._write_text(str(flagfile), config.to_flagfile())
+    with flagsaver.flagsaver():
+        tl_flags.FLAGS.unparse_flags()
+        tl_flags.FLAGS(["prog", f"--flagfile={flagfile}"])
+        assert tl_flags.get_config() == config
+
+
+def test_cli_on_a_messy_folder(tmp_path, messy_folder):
+    root, _ = messy_folder
+    model_dir = tmp_path / "run"
+    result = run_cli("--flagfile=configs/smoke.flags", f"--dataset=folder:{root}", "--backbone=tiny",
+                     "--weights=none", "--batch_size=4", "--steps_per_epoch=1", "--head_units=8",
+                     "--finetune_epochs=0", "--test_split_fraction=0.2", "--class_weight=balanced",
+                     f"--model_dir={model_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = result.stderr
+    assert f"Skipped {len(BAD_FILES)} of 30 images that cannot be read" in log
+    for folder, name, _, reason in BAD_FILES:
+        assert any(f"  {folder}/{name}: " in line and reason in line for line in log.splitlines())
+    assert "Ignored 6 files" in log and "Class weights (balanced): cat " in log
+    labels = (model_dir / "labels.txt").read_text(encoding="utf-8")
+    assert labels == "".join(f"{name}\n" for name in sorted(CLASSES))
+    saved = tf.saved_model.load(str(model_dir / "export" / "1"))
+    out = saved.signatures["serving_default"](images=tf.constant(photo(1, 0)[None]))
+    assert out["class_names"].numpy()[0].decode() in CLASSES
+
