@@ -43,6 +43,8 @@ class Config:
     steps_per_epoch: int | None = None
     eval_steps: int | None = None
     mode: str = "train"
+    log_every_steps: int = 100
+    profile_steps: tuple[int, ...] = ()
 
     def __post_init__(self):
         self.validate()
@@ -111,6 +113,12 @@ class Config:
                   cache_features=self.cache_features)
         if not self.fine_tune_at:
             _fail("--fine_tune_at must be a backbone layer name or 'all'", fine_tune_at=self.fine_tune_at)
+        if self.log_every_steps is not None and self.log_every_steps < 0:
+            _fail("--log_every_steps must not be negative", log_every_steps=self.log_every_steps)
+        if self.profile_steps and not (len(self.profile_steps) == 2
+                                       and 0 < self.profile_steps[0] <= self.profile_steps[1]):
+            _fail("--profile_steps must be START,END with 0 < START <= END",
+                  profile_steps=_csv(self.profile_steps))
 
     def to_flagfile(self) -> str:
         """The effective settings as flagfile text, so a run can be repeated exactly."""

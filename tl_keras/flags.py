@@ -69,6 +69,13 @@ flags.DEFINE_enum("distribution_strategy", _DEFAULTS.distribution_strategy, conf
 flags.DEFINE_integer("steps_per_epoch", None, "Cap on train steps per epoch, for short runs.")
 flags.DEFINE_integer("eval_steps", None, "Cap on validation and test steps, for short runs.")
 
+# TensorBoard.
+flags.DEFINE_integer("log_every_steps", _DEFAULTS.log_every_steps,
+                     "Write train scalars every this many steps, besides every epoch. 0 disables.")
+flags.DEFINE_list("profile_steps", list(map(str, _DEFAULTS.profile_steps)),
+                  "START,END: capture a profiler trace of global train steps START to END (from 1), "
+                  "viewable in TensorBoard's Profile tab. Empty disables.")
+
 
 def get_config(flag_values=FLAGS) -> config_lib.Config:
     """Turn parsed flags into the frozen Config; raises UserError on bad combinations."""
@@ -77,6 +84,8 @@ def get_config(flag_values=FLAGS) -> config_lib.Config:
         value = flag_values[field].value
         if field == "head_units":
             value = tuple(_parse_units(value))
+        elif field == "profile_steps":
+            value = tuple(_parse_ints(field, value))
         kwargs[field] = value
     return config_lib.Config(**kwargs)
 
@@ -91,3 +100,12 @@ def _parse_units(values):
                 f"--head_units must be a comma-separated list of integers. Received: head_units={item}"
             ) from None
     return units
+
+
+def _parse_ints(name, values):
+    try:
+        return [int(item) for item in values]
+    except ValueError:
+        raise config_lib.UserError(
+            f"--{name} must be a comma-separated list of integers. Received: {name}={','.join(values)}"
+        ) from None
