@@ -1,4 +1,4 @@
-"""Callbacks shared by both phases: TensorBoard and checkpoints of the full classifier."""
+"""Callbacks shared by both phases: checkpoints of the full classifier (TensorBoard: summaries.py)."""
 
 import math
 import os
@@ -41,9 +41,10 @@ def save_weights_atomically(model: keras.Model, path: str):
     os.replace(tmp, path)
 
 
-def build_callbacks(classifier: keras.Model, model_dir: str, best_value: float = -math.inf):
-    """The callbacks for one phase's fit(); epochs continue across phases, so curves join up."""
+def build_callbacks(classifier: keras.Model, model_dir: str, best_value: float = -math.inf, extra=()):
+    """The callbacks for one phase's fit(): `extra` (e.g. TensorBoard summaries), then the checkpoint,
+    which stays last so callers can read its best_value."""
     return [
-        keras.callbacks.TensorBoard(log_dir=os.path.join(model_dir, "logs"), write_graph=False),
+        *extra,
         ClassifierCheckpoint(classifier, os.path.join(model_dir, "checkpoints"), best_value=best_value),
     ]

@@ -17,6 +17,7 @@ from tl_keras import export as export_lib
 from tl_keras import feature_cache
 from tl_keras import input_pipeline
 from tl_keras import models
+from tl_keras import summaries
 from tl_keras.config import Config
 from tl_keras.errors import UserError
 
@@ -99,16 +100,20 @@ def train_and_export(config: Config, strategy, data: Data) -> dict:
             config.backbone, config.image_size, data.splits.num_classes, config.weights,
             config.head_units, config.head_batchnorm, config.dropout)
     cache = _open_feature_cache(config, data) if use_feature_cache(config) else None
+    board = summaries.RunSummaries(config, data.splits, data.train_steps)
+    board.write_run_start()
     metrics = {}
     best = -math.inf
     if config.head_epochs:
         phase = _head_phase_data(model, config, strategy, data, cache)
-        metrics["head"], best = train_head(model, phase, config, strategy, data.train_steps)
+        metrics["head"], best = train_head(model, phase, config, strategy, data.train_steps, board=board)
         _update_metrics(config.model_dir, metrics)
     if config.finetune_epochs:
         phase = _finetune_phase_data(model, config, strategy, data, cache)
-        metrics["finetune"], best = fine_tune(model, phase, config, strategy, data.train_steps, best)
+        metrics["finetune"], best = fine_tune(model, phase, config, strategy, data.train_steps, best,
+                                              board=board)
         _update_metrics(config.model_dir, metrics)
+    board.close()  # Each epoch flushes, so a crash loses at most the current epoch's points.
     callbacks_lib.save_weights_atomically(
         model, os.path.join(config.model_dir, "checkpoints", callbacks_lib.LATEST))
     metrics["export_path"] = export_lib.export_saved_model(
@@ -118,7 +123,8 @@ def train_and_export(config: Config, strategy, data: Data) -> dict:
     return metrics
 
 
-def train_head(model: keras.Model, phase: PhaseData, config: Config, strategy, train_steps: int):
+def train_head(model: keras.Model, phase: PhaseData, config: Config, strategy, train_steps: int,
+               board: summaries.RunSummaries | None = None):
     """Phase 1: backbone frozen, only the head learns. Returns (phase metrics, best val accuracy)."""
     start = time.time()
     with strategy.scope():
@@ -126,11 +132,14 @@ def train_head(model: keras.Model, phase: PhaseData, config: Config, strategy, t
         _compile(phase.model, config.head_learning_rate, config, model.output.shape[-1])
     logging.info("Phase 1 (head): %d trainable weights, %d epochs, training %s.",
                  len(model.trainable_weights), config.head_epochs, phase.model.name)
-    callbacks = callbacks_lib.build_callbacks(model, config.model_dir)
+    extra = [board.phase_callback(1, model, 0, config.head_learning_rate)] if board else []
+    callbacks = callbacks_lib.build_callbacks(model, config.model_dir, extra=extra)
     phase.model.fit(phase.train, epochs=config.head_epochs, steps_per_epoch=train_steps,
                     validation_data=phase.validation, validation_steps=config.eval_steps,
                     callbacks=callbacks, shuffle=False, verbose=2)
     metrics = evaluate(phase.model, phase.test, config.eval_steps)
+    if board:
+        board.write_phase_end(1, config.head_epochs - 1, phase.model, phase.test, metrics)
     metrics["wall_seconds"] = round(time.time() - start, 2)
     logging.info("Phase 1 test accuracy %.4f (top-5 %.4f) after %.0f s.", metrics["test_accuracy"],
                  metrics["test_top5_accuracy"], metrics["wall_seconds"])
@@ -138,21 +147,26 @@ def train_head(model: keras.Model, phase: PhaseData, config: Config, strategy, t
 
 
 def fine_tune(model: keras.Model, phase: PhaseData, config: Config, strategy, train_steps: int,
-              best: float = -math.inf):
+              best: float = -math.inf, board: summaries.RunSummaries | None = None):
     """Phase 2: unfreeze from fine_tune_at, recompile with a fresh, low, warmed-up cosine schedule."""
     start = time.time()
     with strategy.scope():
         models.unfreeze_backbone(model, config.fine_tune_at)
-        _compile(phase.model, finetune_schedule(config, train_steps), config, model.output.shape[-1])
+        schedule = finetune_schedule(config, train_steps)
+        _compile(phase.model, schedule, config, model.output.shape[-1])
     logging.info("Phase 2 (fine-tune): %d trainable weights, %d epochs from %s, training %s.",
                  len(model.trainable_weights), config.finetune_epochs, config.fine_tune_at,
                  phase.model.name)
-    callbacks = callbacks_lib.build_callbacks(model, config.model_dir, best_value=best)
+    extra = [board.phase_callback(2, model, config.head_epochs, schedule)] if board else []
+    callbacks = callbacks_lib.build_callbacks(model, config.model_dir, best_value=best, extra=extra)
     phase.model.fit(phase.train, initial_epoch=config.head_epochs,
                     epochs=config.head_epochs + config.finetune_epochs, steps_per_epoch=train_steps,
                     validation_data=phase.validation, validation_steps=config.eval_steps,
                     callbacks=callbacks, shuffle=False, verbose=2)
     metrics = evaluate(phase.model, phase.test, config.eval_steps)
+    if board:
+        board.write_phase_end(2, config.head_epochs + config.finetune_epochs - 1, phase.model, phase.test,
+                              metrics)
     metrics["wall_seconds"] = round(time.time() - start, 2)
     logging.info("Phase 2 test accuracy %.4f (top-5 %.4f) after %.0f s.", metrics["test_accuracy"],
                  metrics["test_top5_accuracy"], metrics["wall_seconds"])
