@@ -41,7 +41,7 @@ CM_HEADER = 2 * LINE_HEIGHT + PAD
 CM_MAX_CELL, CM_MIN_CELL, CM_MAX_SIDE = 40, 8, 800
 CM_MIN_CELL_WITH_COUNTS = 28
 CM_COLOR = np.array([31, 119, 180], np.float64)
-WRONG, RIGHT, INK = (200, 30, 30), (20, 120, 20), (0, 0, 0)
+WRONG, INK = (200, 30, 30), (0, 0, 0)
 # Hyperparameters that say where a run lives rather than what it does.
 NOT_HPARAMS = ("model_dir", "mode", "data_dir")
 # HParams metrics, written to logs/ itself as phase_end/NAME at the end of each phase; the table
@@ -72,7 +72,6 @@ class RunSummaries:
         self.writers["run"] = tf.summary.create_file_writer(self.log_dir)
         self.train_examples = min(splits.num_train, steps_per_epoch * config.batch_size)
         self.validation_examples = _capped(splits.num_validation, config.eval_steps, config.batch_size)
-        self.test_examples = _capped(splits.num_test, config.eval_steps, config.batch_size)
         self.profiling = False
         self.profiled = False
         self.last_epoch = {}  # The latest epoch's scalars, by run: what phase_end/ reports.
