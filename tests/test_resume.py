@@ -108,6 +108,8 @@ def test_resume_after_sigkill_matches_uninterrupted(point, tmp_path, tiny_tfds_d
     expected = list(range(HEAD_EPOCHS + FINETUNE_EPOCHS))
     assert _epoch_steps(model_dir, "train") == expected
     assert _epoch_steps(model_dir, "validation") == expected
+    batch_steps = _epoch_steps(model_dir, "train", "batch_loss")
+    assert batch_steps and batch_steps == sorted(set(batch_steps)), batch_steps
     assert sorted(os.listdir(model_dir / "export")) == ["1", "labels.txt"]
 
 

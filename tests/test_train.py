@@ -93,7 +93,7 @@ def _scalars(log_dir):
     acc = event_accumulator.EventAccumulator(log_dir, size_guidance={event_accumulator.TENSORS: 0})
     acc.Reload()
     return {tag: [(e.step, float(tf.make_ndarray(e.tensor_proto))) for e in acc.Tensors(tag)]
-            for tag in acc.Tags()["tensors"]}
+            for tag in acc.Tags()["tensors"] if acc.SummaryMetadata(tag).plugin_data.plugin_name == "scalars"}
 
 
 def test_tensorboard_has_continuous_curves_and_learning_rate(make_config, tiny_splits):

@@ -1,7 +1,7 @@
-"""Callbacks shared by both phases: TensorBoard, and resumable checkpoints of the full classifier."""
+"""Callbacks shared by both phases: resumable checkpoints of the full classifier (TensorBoard:
+summaries.py)."""
 
 import glob
-import math
 import os
 
 from absl import logging
@@ -61,23 +61,33 @@ def save_weights_atomically(model: keras.Model, path: str):
 
 
 def build_callbacks(classifier: keras.Model, model_dir: str, state: checkpointing.RunState,
-                    steps_per_epoch: int, save_every_steps: int | None = None):
-    """The callbacks for one phase's fit(); epochs continue across phases, so curves join up.
-    The checkpoint comes last, so it saves only after TensorBoard has logged the epoch."""
+                    steps_per_epoch: int, save_every_steps: int | None = None, extra=()):
+    """The callbacks for one phase's fit(): `extra` (TensorBoard summaries), then the checkpoint, which
+    comes last so that it saves only after the epoch has been logged."""
     return [
-        keras.callbacks.TensorBoard(log_dir=os.path.join(model_dir, "logs"), write_graph=False),
+        *extra,
         TrainingCheckpoint(classifier, model_dir, state, steps_per_epoch, save_every_steps),
     ]
 
 
-def trim_logs(log_dir: str, epoch: int, keep=None):
+# Written once when a run starts, and not again when it resumes.
+RUN_START_TAGS = frozenset({"augmented_inputs", "flags", "_hparams_/experiment",
+                            "_hparams_/session_start_info"})
+
+
+def trim_logs(log_dir: str, epoch: int, global_step: int):
     """Drop summaries a resumed run is about to write again, so curves never hold a step twice.
 
-    Epoch-level summaries (tags `epoch_*`) use the epoch as step: those at or after `epoch` go.
-    `keep(tag, step)` may decide for other tags. Each event file is rewritten atomically.
+    Per-step tags (`batch_*`, on the global step axis) go after `global_step`; everything written per
+    epoch or phase (on the epoch axis) goes from `epoch` on. Each event file is rewritten atomically.
     """
-    if keep is None:
-        keep = lambda tag, step: not tag.startswith("epoch_") or step < epoch  # noqa: E731
+    def keep(tag, step):
+        if tag in RUN_START_TAGS:
+            return True
+        if tag.startswith("batch_"):
+            return step <= global_step
+        return step < epoch
+
     for path in glob.glob(os.path.join(log_dir, "**", "events.out.tfevents.*"), recursive=True):
         kept, dropped = [], 0
         for record in tf.data.TFRecordDataset(path):

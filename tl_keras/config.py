@@ -74,6 +74,8 @@ class Config:
     export_dir: str | None = None
     output_json: str | None = None
     top_k: int = 5
+    log_every_steps: int = 100
+    profile_steps: tuple[int, ...] = ()
 
     def __post_init__(self):
         self.validate()
@@ -171,6 +173,12 @@ class Config:
             _fail("--mode=predict needs --images=GLOB", images=self.images)
         if self.top_k < 1:
             _fail("--top_k must be positive", top_k=self.top_k)
+        if self.log_every_steps is not None and self.log_every_steps < 0:
+            _fail("--log_every_steps must not be negative", log_every_steps=self.log_every_steps)
+        if self.profile_steps and not (len(self.profile_steps) == 2
+                                       and 0 < self.profile_steps[0] <= self.profile_steps[1]):
+            _fail("--profile_steps must be START,END with 0 < START <= END",
+                  profile_steps=_csv(self.profile_steps))
 
     def to_flagfile(self) -> str:
         """The effective settings as flagfile text, so a run can be repeated exactly."""

@@ -115,6 +115,13 @@ flags.DEFINE_string("export_dir", None,
 flags.DEFINE_string("output_json", None, "--mode=predict: also write the predictions to this JSON file.")
 flags.DEFINE_integer("top_k", _DEFAULTS.top_k, "--mode=predict: classes shown per image.")
 
+# TensorBoard.
+flags.DEFINE_integer("log_every_steps", _DEFAULTS.log_every_steps,
+                     "Write train scalars every this many steps, besides every epoch. 0 disables.")
+flags.DEFINE_list("profile_steps", list(map(str, _DEFAULTS.profile_steps)),
+                  "START,END: capture a profiler trace of global train steps START to END (from 1), "
+                  "viewable in TensorBoard's Profile tab. Empty disables.")
+
 
 def get_config(flag_values=FLAGS) -> config_lib.Config:
     """Turn parsed flags into the frozen Config; raises UserError on bad combinations."""
@@ -123,6 +130,8 @@ def get_config(flag_values=FLAGS) -> config_lib.Config:
         value = flag_values[field].value
         if field == "head_units":
             value = tuple(_parse_units(value))
+        elif field == "profile_steps":
+            value = tuple(_parse_ints(field, value))
         kwargs[field] = value
     return config_lib.Config(**kwargs)
 
@@ -137,6 +146,16 @@ def _parse_units(values):
                 f"--head_units must be a comma-separated list of integers. Received: head_units={item}"
             ) from None
     return units
+
+
+def _parse_ints(name, values):
+    try:
+        return [int(item) for item in values]
+    except ValueError:
+        raise config_lib.UserError(
+            f"--{name} must be a comma-separated list of integers. Received: {name}={','.join(values)}"
+        ) from None
+
 
 # Benchmark (python -m tl_keras.bench) only.
 flags.DEFINE_integer("bench_examples", 10_000, "Training examples the benchmark uses.")

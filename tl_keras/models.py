@@ -4,6 +4,7 @@ import importlib
 
 from absl import logging
 import keras
+import numpy as np
 import tensorflow as tf
 
 from tl_keras import backbones
@@ -31,6 +32,24 @@ def get_preprocessing(backbone: str, image_size: int):
         return preprocess_input(images)
 
     return preprocess
+
+
+def get_inverse_preprocessing(backbone: str):
+    """Preprocessed images -> uint8 RGB, so logged inputs look like photos and not like tensors.
+
+    Every keras.applications preprocess_input is affine per pixel (scale, mean, channel order), so
+    four probe pixels determine it exactly, whatever the backbone.
+    """
+    probes = np.array([[[0, 0, 0], [255, 0, 0], [0, 255, 0], [0, 0, 255]]], np.float32)
+    out = np.asarray(get_preprocess_input(backbone)(probes.copy()), np.float64)[0]
+    offset, linear = out[0], (out[1:] - out[0]).T / 255.0  # out = linear @ rgb + offset
+    inverse = np.linalg.inv(linear)
+
+    def unpreprocess(images):
+        rgb = (np.asarray(images, np.float64) - offset) @ inverse.T
+        return np.clip(np.round(rgb), 0, 255).astype(np.uint8)
+
+    return unpreprocess
 
 
 def build_backbone(name: str, image_size: int, weights: str = "imagenet") -> keras.Model:

@@ -29,6 +29,7 @@ from tl_keras import models
 from tl_keras import multi_worker_compat
 from tl_keras import predict as predict_lib
 from tl_keras import report as report_lib
+from tl_keras import summaries
 from tl_keras.config import Config
 from tl_keras.errors import UserError
 
@@ -200,7 +201,8 @@ def train_and_export(config: Config, strategy, data: Data) -> dict:
     if state.save_id or state.epoch:
         logging.info("Resuming %s: phase %s, %d epochs and %d steps done.", config.model_dir, state.phase,
                      state.epoch, state.step)
-        callbacks_lib.trim_logs(os.path.join(config.model_dir, "logs"), state.epoch)
+        callbacks_lib.trim_logs(os.path.join(config.model_dir, "logs"), state.epoch,
+                                state.epoch * data.train_steps + state.step)
     with strategy.scope():
         model = models.build_classifier(
             config.backbone, config.image_size, data.splits.num_classes, config.weights,
@@ -214,19 +216,23 @@ def train_and_export(config: Config, strategy, data: Data) -> dict:
         else:
             cache = _open_feature_cache(config, data)
     metrics = _read_metrics(config.model_dir)
+    board = summaries.RunSummaries(config, data.splits, data.train_steps)
+    if not (state.save_id or state.epoch):
+        board.write_run_start()
 
     if state.phase == "head":
         phase = _head_phase_data(model, config, strategy, data, cache)
-        metrics["head"] = train_head(model, phase, config, strategy, data.train_steps, state)
+        metrics["head"] = train_head(model, phase, config, strategy, data.train_steps, state, board)
         _update_metrics(config.model_dir, {"head": metrics["head"]})
         state.phase, state.step = ("finetune" if config.finetune_epochs else "export"), 0
         checkpointing.save_state(config.model_dir, state)
     if state.phase == "finetune":
         phase = _finetune_phase_data(model, config, strategy, data, cache)
-        metrics["finetune"] = fine_tune(model, phase, config, strategy, data.train_steps, state)
+        metrics["finetune"] = fine_tune(model, phase, config, strategy, data.train_steps, state, board)
         _update_metrics(config.model_dir, {"finetune": metrics["finetune"]})
         state.phase, state.step = "export", 0
         checkpointing.save_state(config.model_dir, state)
+    board.close()  # Each epoch flushes, so a crash loses at most the current epoch's points.
     if state.phase == "export":
         if config.min_accuracy is not None:
             _check_min_accuracy(config, metrics, model, data)
@@ -256,7 +262,7 @@ def _check_min_accuracy(config: Config, metrics: dict, model: keras.Model, data:
 
 
 def train_head(model: keras.Model, phase: PhaseData, config: Config, strategy, train_steps: int,
-               state: checkpointing.RunState) -> dict:
+               state: checkpointing.RunState, board: summaries.RunSummaries | None = None) -> dict:
     """Phase 1: backbone frozen, only the head learns. Returns the phase's test metrics."""
     start = time.time()
     with strategy.scope():
@@ -268,48 +274,56 @@ def train_head(model: keras.Model, phase: PhaseData, config: Config, strategy, t
             checkpointing.restore(config.model_dir, state, model, phase.model)
     logging.info("Phase 1 (head): %d trainable weights, %d epochs, training %s.",
                  len(model.trainable_weights), config.head_epochs, phase.model.name)
-    _fit(model, phase, config, train_steps, state, end_epoch=config.head_epochs)
-    return _phase_metrics(phase, config, start, "Phase 1")
+    extra = [board.phase_callback(1, model, 0, config.head_learning_rate)] if board else []
+    _fit(model, phase, config, train_steps, state, config.head_epochs, extra)
+    return _phase_metrics(phase, config, start, 1, config.head_epochs - 1, board)
 
 
 def fine_tune(model: keras.Model, phase: PhaseData, config: Config, strategy, train_steps: int,
-              state: checkpointing.RunState) -> dict:
+              state: checkpointing.RunState, board: summaries.RunSummaries | None = None) -> dict:
     """Phase 2: unfreeze from fine_tune_at, recompile with a fresh, low, warmed-up cosine schedule."""
     start = time.time()
     with strategy.scope():
         models.unfreeze_backbone(model, config.fine_tune_at)
         per_call = _steps_per_execution(train_steps, state.step, config.save_every_steps,
                                         config.steps_per_execution)
-        _compile(phase.model, finetune_schedule(config, train_steps), config, model.output.shape[-1],
-                 per_call)
+        schedule = finetune_schedule(config, train_steps)
+        _compile(phase.model, schedule, config, model.output.shape[-1], per_call)
         if state.epoch > config.head_epochs or (state.epoch == config.head_epochs and state.step):
             checkpointing.restore(config.model_dir, state, model, phase.model)
     logging.info("Phase 2 (fine-tune): %d trainable weights, %d epochs from %s, training %s.",
                  len(model.trainable_weights), config.finetune_epochs, config.fine_tune_at,
                  phase.model.name)
     state.epoch = max(state.epoch, config.head_epochs)
-    _fit(model, phase, config, train_steps, state, end_epoch=config.head_epochs + config.finetune_epochs)
-    return _phase_metrics(phase, config, start, "Phase 2")
+    extra = [board.phase_callback(2, model, config.head_epochs, schedule)] if board else []
+    end = config.head_epochs + config.finetune_epochs
+    _fit(model, phase, config, train_steps, state, end, extra)
+    return _phase_metrics(phase, config, start, 2, end - 1, board)
 
 
-def _fit(model, phase: PhaseData, config: Config, train_steps: int, state, end_epoch: int):
+def _fit(model, phase: PhaseData, config: Config, train_steps: int, state, end_epoch: int, extra=()):
     """fit() from the saved (epoch, step) to end_epoch; a partly done epoch gets its own fit()."""
     callbacks = callbacks_lib.build_callbacks(model, config.model_dir, state, train_steps,
-                                              config.save_every_steps)
+                                              config.save_every_steps, extra)
     while state.epoch < end_epoch:
         first, skip = state.epoch, state.step
         last = first + 1 if skip else end_epoch
-        callbacks[-1].step_offset = skip
+        for callback in callbacks:
+            if hasattr(callback, "step_offset"):
+                callback.step_offset = skip
         phase.model.fit(phase.train(first, skip), initial_epoch=first, epochs=last,
                         steps_per_epoch=train_steps - skip if skip else train_steps,
                         validation_data=phase.validation, validation_steps=config.eval_steps,
                         callbacks=callbacks, shuffle=False, verbose=2, class_weight=phase.class_weight)
 
 
-def _phase_metrics(phase: PhaseData, config: Config, start: float, name: str) -> dict:
+def _phase_metrics(phase: PhaseData, config: Config, start: float, number: int, last_epoch: int,
+                   board: summaries.RunSummaries | None) -> dict:
     metrics = evaluate(phase.model, phase.test, config.eval_steps)
+    if board:
+        board.write_phase_end(number, last_epoch, phase.model, phase.test, metrics)
     metrics["wall_seconds"] = round(time.time() - start, 2)
-    logging.info("%s test accuracy %.4f (top-5 %.4f) after %.0f s.", name, metrics["test_accuracy"],
+    logging.info("Phase %d test accuracy %.4f (top-5 %.4f) after %.0f s.", number, metrics["test_accuracy"],
                  metrics["test_top5_accuracy"], metrics["wall_seconds"])
     return metrics
 

@@ -1,0 +1,511 @@
+"""TensorBoard logs that answer a practitioner's questions about a run.
+
+Layout under model_dir/logs (each folder is a TensorBoard run):
+- train/: epoch_* scalars at step = epoch (0-based, continuing across both phases) and, every
+  --log_every_steps, batch_* scalars at step = global train step (1-based, also continuing);
+  the augmented-input grid; profiler traces under plugins/profile/.
+- validation/: epoch_* scalars of the per-epoch validation pass.
+- test/: epoch_* scalars, the confusion matrix and misclassified examples at the end of each
+  phase, at step = the phase's last epoch.
+- the folder itself: HParams (with phase_end/* scalars as its metrics), the effective flags and
+  the model summary per phase.
+
+Both phases share one RunSummaries, so curves, steps and writers continue across the two fit()
+calls even though each phase compiles a fresh optimizer and may fit a different model (a head on
+cached features, or the upper backbone on stored activations).
+"""
+
+import dataclasses
+import math
+import os
+import time
+
+from absl import logging
+import keras
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+import tensorflow as tf
+from tensorboard.plugins.hparams import api as hp
+
+from tl_keras import input_pipeline
+from tl_keras import models
+
+GRID_EXAMPLES = 16  # Augmented inputs and misclassified examples shown per grid.
+MIN_TILE = 96  # Small images are upscaled (nearest neighbour) to at least this many pixels a side.
+LINE_HEIGHT = 13
+FONT_SIZE = 11
+PAD = 4
+# Confusion-matrix image: LABEL_WIDTH + n * cell + PAD wide, HEADER + n * cell + PAD high.
+CM_LABEL_WIDTH = 120
+CM_HEADER = 2 * LINE_HEIGHT + PAD
+CM_MAX_CELL, CM_MIN_CELL, CM_MAX_SIDE = 40, 8, 800
+CM_MIN_CELL_WITH_COUNTS = 28
+CM_COLOR = np.array([31, 119, 180], np.float64)
+WRONG, INK = (200, 30, 30), (0, 0, 0)
+# Hyperparameters that say where a run lives rather than what it does.
+NOT_HPARAMS = ("model_dir", "mode", "data_dir")
+# HParams metrics, written to logs/ itself as phase_end/NAME at the end of each phase; the table
+# shows each one's last value. (The plugin cannot find metrics in subfolders of a session that is
+# the logdir itself, so they are not read from train/, validation/ and test/.)
+HPARAM_METRICS = (
+    ("test_accuracy", "test accuracy"),
+    ("test_top5_accuracy", "test top-5 accuracy"),
+    ("test_loss", "test loss"),
+    ("validation_accuracy", "validation accuracy"),
+    ("validation_loss", "validation loss"),
+    ("train_accuracy", "train accuracy"),
+    ("train_loss", "train loss"),
+    ("train_throughput", "train img/s"),
+)
+
+
+class RunSummaries:
+    """The run's summary writers and what both phases need to log consistently."""
+
+    def __init__(self, config, splits: input_pipeline.Splits, steps_per_epoch: int):
+        self.config = config
+        self.splits = splits
+        self.steps_per_epoch = steps_per_epoch
+        self.log_dir = os.path.join(config.model_dir, "logs")
+        self.writers = {name: tf.summary.create_file_writer(os.path.join(self.log_dir, name))
+                        for name in ("train", "validation", "test")}
+        self.writers["run"] = tf.summary.create_file_writer(self.log_dir)
+        self.train_examples = min(splits.num_train, steps_per_epoch * config.batch_size)
+        self.validation_examples = _capped(splits.num_validation, config.eval_steps, config.batch_size)
+        self.profiling = False
+        self.profiled = False
+        self.last_epoch = {}  # The latest epoch's scalars, by run: what phase_end/ reports.
+
+    def write_run_start(self):
+        """HParams, the effective flags, and a grid of augmented training inputs."""
+        with self.writers["run"].as_default(step=0):
+            hparams = hparams_of(self.config)
+            hp.hparams_config(
+                hparams=[hp.HParam(name) for name in hparams],
+                metrics=[hp.Metric(f"phase_end/{tag}", display_name=name) for tag, name in HPARAM_METRICS])
+            hp.hparams(hparams, trial_id=os.path.abspath(self.config.model_dir))
+            tf.summary.text("flags", flags_markdown(self.config))
+        images, labels = self.augmented_examples()
+        captions = [[(self.splits.class_names[label], INK)] for label in labels]
+        with self.writers["train"].as_default(step=0):
+            tf.summary.image("augmented_inputs", captioned_grid(images, captions)[None],
+                             description="Training inputs after augmentation, preprocessing undone.")
+        self.flush()
+
+    def augmented_examples(self):
+        """A batch from the training pipeline's own code, on a few examples: what the model sees."""
+        config = self.config
+        preprocess = models.get_preprocessing(config.backbone, config.image_size)
+        batch = input_pipeline.build_train_dataset(
+            self.splits.train.take(GRID_EXAMPLES), preprocess, GRID_EXAMPLES,
+            self.splits.num_classes, config.augment, config.seed)
+        images, one_hot = next(iter(batch))
+        unpreprocess = models.get_inverse_preprocessing(config.backbone)
+        return unpreprocess(images.numpy()), np.argmax(one_hot.numpy(), axis=-1)
+
+    def phase_callback(self, phase: int, classifier: keras.Model, initial_epoch: int, learning_rate):
+        return PhaseSummaries(self, phase, classifier, initial_epoch, learning_rate)
+
+    def write_phase_end(self, phase: int, epoch: int, model: keras.Model, test: tf.data.Dataset,
+                        metrics: dict):
+        """Test metrics, the confusion matrix and the most confident mistakes at the phase's end.
+
+        `model` and `test` are the phase's own (features or images in): same predictions as the
+        classifier on images, and the test batches come in the raw split's order.
+        """
+        ends = dict(metrics)
+        for run, values in self.last_epoch.items():
+            ends.update({f"{run}_{name}": value for name, value in values.items()})
+        with self.writers["run"].as_default(step=epoch):
+            for name, _ in HPARAM_METRICS:
+                if name in ends:
+                    tf.summary.scalar(f"phase_end/{name}", ends[name])
+        probabilities, labels = _predict(model, test, self.config.eval_steps)
+        predictions = np.argmax(probabilities, axis=-1)
+        names = self.splits.class_names
+        matrix = confusion_matrix(labels, predictions, len(names))
+        wrong = np.flatnonzero(predictions != labels)
+        wrong = wrong[np.argsort(-probabilities[wrong, predictions[wrong]], kind="stable")][:GRID_EXAMPLES]
+        with self.writers["test"].as_default(step=epoch):
+            for name in ("loss", "accuracy", "top5_accuracy"):
+                tf.summary.scalar(f"epoch_{name}", metrics[f"test_{name}"])
+            tf.summary.scalar("epoch_phase", phase)
+            tf.summary.image("confusion_matrix", confusion_matrix_image(matrix, names)[None],
+                             description=f"Phase {phase} on {len(labels)} test examples: rows are true "
+                                         "classes, columns predicted; shade is the share of the row.")
+            tf.summary.text("confusion_matrix_counts", confusion_matrix_markdown(matrix, names))
+            if len(wrong):
+                captions = [[(f"true: {names[labels[i]]}", INK), (f"pred: {names[predictions[i]]}", WRONG),
+                             (f"confidence {probabilities[i, predictions[i]]:.0%}", WRONG)] for i in wrong]
+                grid = captioned_grid(self.raw_test_images(wrong), captions)
+                tf.summary.image("misclassified", grid[None],
+                                 description=f"Phase {phase}: the {len(wrong)} most confident mistakes "
+                                             "on the test split, with true and predicted labels.")
+        self.flush()
+
+    def raw_test_images(self, indices) -> np.ndarray:
+        """Test images by index, as stored (not preprocessed), resized to the model's input size."""
+        wanted = {int(i): None for i in indices}
+        size = self.config.image_size
+        for i, (image, _) in enumerate(self.splits.test.take(max(wanted) + 1)):
+            if i in wanted:
+                wanted[i] = tf.cast(tf.clip_by_value(tf.round(tf.image.resize(image, (size, size))),
+                                                     0, 255), tf.uint8).numpy()
+        return np.stack([wanted[int(i)] for i in indices])
+
+    def write_model_summary(self, phase: int, classifier: keras.Model, fitted: keras.Model, step: int):
+        lines = []
+        classifier.summary(print_fn=lambda text, **_: lines.append(text))
+        trainable = sum(math.prod(w.shape) for w in fitted.trainable_weights)
+        header = (f"Phase {phase} fits `{fitted.name}` ({trainable:,} trainable parameters); "
+                  f"the classifier it trains:\n\n")
+        with self.writers["run"].as_default(step=step):
+            tf.summary.text("model_summary", header + _code_block("\n".join(lines)))
+
+    def start_profiler(self, step: int):
+        try:
+            tf.profiler.experimental.start(os.path.join(self.log_dir, "train"))
+        except (tf.errors.AlreadyExistsError, tf.errors.UnavailableError) as e:
+            logging.warning("Could not start the profiler at step %d: %s", step, e)
+            self.profiled = True
+            return
+        self.profiling = self.profiled = True
+        logging.info("Profiler started at step %d.", step)
+
+    def stop_profiler(self, step: int):
+        if self.profiling:
+            tf.profiler.experimental.stop()
+            self.profiling = False
+            logging.info("Profiler stopped after step %d; trace in %s.", step,
+                         os.path.join(self.log_dir, "train", "plugins", "profile"))
+
+    def flush(self):
+        for writer in self.writers.values():
+            writer.flush()
+
+    def close(self):
+        self.stop_profiler(-1)
+        for writer in self.writers.values():
+            writer.close()
+
+
+@dataclasses.dataclass
+class _Interval:
+    """Sums since the last batch-level point: steps, seconds, input wait, metric totals."""
+
+    steps: int = 0
+    seconds: float = 0.0
+    wait: float = 0.0
+    totals: dict = dataclasses.field(default_factory=dict)
+
+
+class PhaseSummaries(keras.callbacks.Callback):
+    """Epoch and step scalars for one phase's fit(), on the run's global epoch and step axes.
+
+    Keras reports running means since the epoch began; batch_* scalars are the means over the
+    steps since the previous point, recovered from those running means (k * mean_k - j * mean_j).
+
+    Input wait: after each phase's first step (which traces the step function), the callback
+    fetches each batch itself, timed, and hands it to Keras's compiled step, instead of letting the
+    step fetch it in-graph. Time blocked in that fetch is time the accelerator had nothing to do
+    because the tf.data pipeline was behind; *_input_wait is its share of the training wall time.
+    Near 0: the input keeps up; near 1: input-bound.
+    """
+
+    def __init__(self, board: RunSummaries, phase: int, classifier: keras.Model, initial_epoch: int,
+                 learning_rate):
+        super().__init__()
+        self.board = board
+        self.phase = phase
+        self.classifier = classifier
+        self.initial_epoch = initial_epoch
+        self.learning_rate = learning_rate
+        config = board.config
+        self.log_every = config.log_every_steps or 0
+        self.profile_steps = config.profile_steps
+        self._unwrapped = None
+        self._step = initial_epoch * board.steps_per_epoch
+        self._interval = _Interval()
+        self.step_offset = 0  # Steps of the current epoch done before this fit() began (a resume).
+
+    # Fit begin/end: model summary, the timed fetch, profiler.
+
+    def on_train_begin(self, logs=None):
+        self.board.write_model_summary(self.phase, self.classifier, self.model, self.initial_epoch)
+        self._wrap_train_function()
+
+    def on_train_end(self, logs=None):
+        if self._unwrapped is not None:
+            self.model.train_function, self._unwrapped = self._unwrapped, None
+        self.board.stop_profiler(self._step)
+        self.board.flush()
+
+    def _wrap_train_function(self):
+        train_function = self.model.train_function
+        if train_function is None or getattr(self.model, "steps_per_execution", 1) != 1:
+            return
+        self._unwrapped = train_function
+        first = [True]
+
+        def timed_train_function(iterator):
+            if first[0] or not isinstance(iterator, (tf.data.Iterator, tf.distribute.DistributedIterator)):
+                # Keras's own first step traces the step for any batch size; later calls reuse it.
+                first[0] = False
+                return train_function(iterator)
+            start = time.perf_counter()
+            batch = next(iterator)  # Blocks until the pipeline's prefetch buffer has a batch.
+            waited = time.perf_counter() - start
+            self._interval.wait += waited
+            self._epoch_wait += waited
+            # Keras runs its compiled step on each batch of a plain Python iterator.
+            return train_function(iter([batch]))
+
+        self.model.train_function = timed_train_function
+
+    # Epochs.
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+        self._epoch_start = self._last_batch_end = time.perf_counter()
+        self._segment_start = None
+        self._epoch_wait = 0.0
+        self._batches = 0
+        self._read = _Interval()  # Running totals at the last point read in this epoch.
+        self._train_seconds = None
+        self._validation_start = self._validation_seconds = None
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._step = self._epoch * self.board.steps_per_epoch + self.step_offset + batch + 1
+        if (self.profile_steps and not self.board.profiled
+                and self.profile_steps[0] <= self._step <= self.profile_steps[1]):
+            self.board.start_profiler(self._step)
+        if self._segment_start is None:
+            self._segment_start = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._batches = batch + 1
+        if self.board.profiling and self._step >= self.profile_steps[1]:
+            self.board.stop_profiler(self._step)
+        point = self.log_every and self._step % self.log_every == 0
+        if point or self._batches == self.board.steps_per_epoch - self.step_offset:
+            _scalars(logs)  # Waits for the step to finish, so the clock below is true on GPUs too.
+        self._last_batch_end = time.perf_counter()
+        if point:
+            self._write_step_point(logs)
+
+    def _write_step_point(self, logs):
+        self._close_segment()
+        self._advance(self._batches, _scalars(logs))
+        interval, self._interval = self._interval, _Interval()
+        with self.board.writers["train"].as_default(step=self._step):
+            for name, total in interval.totals.items():
+                tf.summary.scalar(f"batch_{name}", total / interval.steps)
+            tf.summary.scalar("batch_learning_rate", self._current_learning_rate())
+            self._write_speed("batch", interval.steps * self.board.config.batch_size, interval.seconds,
+                              interval.wait)
+            tf.summary.scalar("batch_phase", self.phase)
+        self._segment_start = time.perf_counter()
+
+    def _advance(self, batches: int, means: dict):
+        """Move the interval to `batches` steps into the epoch, whose running means are `means`."""
+        totals = {name: batches * mean for name, mean in means.items()}
+        for name, total in totals.items():
+            self._interval.totals[name] = (self._interval.totals.get(name, 0.0) + total
+                                           - self._read.totals.get(name, 0.0))
+        self._interval.steps += batches - self._read.steps
+        self._read = _Interval(steps=batches, totals=totals)
+
+    def _close_segment(self):
+        """Stop the interval's clock at the last step's end (validation is not training time)."""
+        if self._segment_start is not None:
+            self._interval.seconds += self._last_batch_end - self._segment_start
+            self._segment_start = None
+
+    def on_test_begin(self, logs=None):
+        self._close_segment()
+        self._train_seconds = self._last_batch_end - self._epoch_start
+        self._validation_start = time.perf_counter()
+
+    def on_test_end(self, logs=None):
+        self._validation_seconds = time.perf_counter() - self._validation_start
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._close_segment()
+        if self._train_seconds is None:
+            self._train_seconds = self._last_batch_end - self._epoch_start
+        values = _scalars(logs)
+        train = {k: v for k, v in values.items() if not k.startswith("val_")}
+        validation = {k[len("val_"):]: v for k, v in values.items() if k.startswith("val_")}
+        # Steps after the epoch's last batch-level point count towards the next point.
+        self._advance(self._batches, train)
+
+        board = self.board
+        examples = min(board.train_examples, self._batches * board.config.batch_size)
+        board.last_epoch = {"train": dict(train, throughput=examples / max(self._train_seconds, 1e-9)),
+                            "validation": validation}
+        with board.writers["train"].as_default(step=epoch):
+            for name, value in train.items():
+                tf.summary.scalar(f"epoch_{name}", value)
+            tf.summary.scalar("epoch_learning_rate", self._current_learning_rate())
+            self._write_speed("epoch", examples, self._train_seconds, self._epoch_wait)
+            tf.summary.scalar("epoch_phase", self.phase)
+        if validation:
+            with board.writers["validation"].as_default(step=epoch):
+                for name, value in validation.items():
+                    tf.summary.scalar(f"epoch_{name}", value)
+                seconds = self._validation_seconds
+                if seconds:
+                    tf.summary.scalar("epoch_throughput", board.validation_examples / seconds)
+                    tf.summary.scalar("epoch_time", seconds)
+        board.flush()
+
+    def _write_speed(self, prefix: str, examples: int, seconds: float, wait: float):
+        seconds = max(seconds, 1e-9)
+        tf.summary.scalar(f"{prefix}_throughput", examples / seconds,
+                          description="Training images per second.")
+        if prefix == "epoch":
+            tf.summary.scalar("epoch_time", seconds, description="Seconds of training steps.")
+        tf.summary.scalar(f"{prefix}_input_wait", min(1.0, wait / seconds),
+                          description="Share of the time spent waiting for the input pipeline.")
+
+    def _current_learning_rate(self) -> float:
+        """The learning rate of the step just taken (a schedule is read at the step before)."""
+        if isinstance(self.learning_rate, keras.optimizers.schedules.LearningRateSchedule):
+            step = max(0, int(self.model.optimizer.iterations.numpy()) - 1)
+            return float(self.learning_rate(step))
+        return float(self.learning_rate)
+
+
+def _predict(model: keras.Model, batches: tf.data.Dataset, steps: int | None):
+    """(probabilities, integer labels), by eager calls: compiled predict() would trace once more."""
+    probabilities, labels = [], []
+    for x, y in batches.take(steps or -1):
+        probabilities.append(keras.ops.convert_to_numpy(model(x, training=False)))
+        labels.append(np.argmax(y, axis=-1))
+    return np.concatenate(probabilities), np.concatenate(labels)
+
+
+def _scalars(logs) -> dict:
+    """Keras logs as Python floats (reading them waits for the step that produced them)."""
+    out = {}
+    for name, value in (logs or {}).items():
+        try:
+            out[name] = float(value)
+        except (TypeError, ValueError):
+            continue
+    return out
+
+
+def _capped(num_examples: int, steps: int | None, batch_size: int) -> int:
+    return min(num_examples, steps * batch_size) if steps else num_examples
+
+
+def hparams_of(config) -> dict:
+    """The config as HParams values: scalars as they are, lists as text; unset ones left out."""
+    values = {}
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if field.name in NOT_HPARAMS or value is None:
+            continue
+        values[field.name] = ",".join(map(str, value)) if isinstance(value, tuple) else value
+    return values
+
+
+def flags_markdown(config) -> str:
+    rows = ["| flag | value |", "| --- | --- |"]
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if isinstance(value, tuple):
+            value = ",".join(map(str, value))
+        rows.append(f"| `--{field.name}` | " + ("unset |" if value is None else f"`{value}` |"))
+    return "Effective flags of this run (also in `flags.txt`).\n\n" + "\n".join(rows)
+
+
+def _code_block(text: str) -> str:
+    return "\n".join("    " + line for line in text.splitlines())
+
+
+def confusion_matrix(labels, predictions, num_classes: int) -> np.ndarray:
+    """counts[true, predicted]."""
+    index = np.asarray(labels, np.int64) * num_classes + np.asarray(predictions, np.int64)
+    return np.bincount(index, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def confusion_matrix_markdown(matrix: np.ndarray, class_names) -> str:
+    n = len(class_names)
+    rows = ["| true \\ predicted | " + " | ".join(class_names) + " | recall |",
+            "| --- " * (n + 2) + "|"]
+    for i, name in enumerate(class_names):
+        total = matrix[i].sum()
+        recall = f"{matrix[i, i] / total:.1%}" if total else "-"
+        rows.append(f"| **{name}** | " + " | ".join(str(c) for c in matrix[i]) + f" | {recall} |")
+    return "\n".join(rows)
+
+
+def confusion_cell_size(num_classes: int) -> int:
+    return max(CM_MIN_CELL, min(CM_MAX_CELL, CM_MAX_SIDE // num_classes))
+
+
+def confusion_matrix_image(matrix: np.ndarray, class_names) -> np.ndarray:
+    """The matrix as an RGB uint8 heatmap: rows true, columns predicted, shaded by share of the row,
+    with counts in the cells when they fit. Rows are labelled 'index name', columns by index."""
+    n = len(class_names)
+    cell = confusion_cell_size(n)
+    height, width = CM_HEADER + n * cell + PAD, CM_LABEL_WIDTH + n * cell + PAD
+    rows = matrix.sum(axis=1, keepdims=True)
+    shares = np.divide(matrix, rows, out=np.zeros(matrix.shape, np.float64), where=rows > 0)
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    font = _font()
+    draw.text((PAD, PAD), "true \\ predicted", fill=INK, font=font)
+    for i in range(n):
+        top = CM_HEADER + i * cell
+        label = _fit(draw, f"{i} {class_names[i]}", CM_LABEL_WIDTH - 2 * PAD, font)
+        draw.text((PAD, top + (cell - LINE_HEIGHT) // 2), label, fill=INK, font=font)
+        left = CM_LABEL_WIDTH + i * cell
+        draw.text((left + cell // 2, CM_HEADER - PAD), str(i), fill=INK, font=font, anchor="mb")
+        for j in range(n):
+            share = shares[i, j]
+            color = tuple(int(round(c)) for c in 255 + (CM_COLOR - 255) * share)
+            box = (CM_LABEL_WIDTH + j * cell, top, CM_LABEL_WIDTH + (j + 1) * cell - 1, top + cell - 1)
+            draw.rectangle(box, fill=color, outline=(220, 220, 220))
+            if cell >= CM_MIN_CELL_WITH_COUNTS:
+                draw.text(((box[0] + box[2]) // 2, (box[1] + box[3]) // 2), str(matrix[i, j]),
+                          fill="white" if share > 0.5 else INK, font=font, anchor="mm")
+    return np.asarray(image)
+
+
+def captioned_grid(images: np.ndarray, captions) -> np.ndarray:
+    """uint8 images [N, H, W, 3] in a near-square grid, each with its lines of (text, color) below."""
+    images = np.asarray(images, np.uint8)
+    n, size = len(images), images.shape[1]
+    factor = max(1, math.ceil(MIN_TILE / size))
+    tile = size * factor
+    columns = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / columns)
+    lines = max((len(c) for c in captions), default=0)
+    cell_w, cell_h = tile + PAD, tile + lines * LINE_HEIGHT + PAD
+    grid = Image.new("RGB", (columns * cell_w + PAD, rows * cell_h + PAD), "white")
+    draw = ImageDraw.Draw(grid)
+    font = _font()
+    for k, (image, caption) in enumerate(zip(images, captions)):
+        left, top = PAD + (k % columns) * cell_w, PAD + (k // columns) * cell_h
+        big = image.repeat(factor, axis=0).repeat(factor, axis=1)[:, :, :3]
+        grid.paste(Image.fromarray(np.ascontiguousarray(big)), (left, top))
+        for line, (text, color) in enumerate(caption):
+            draw.text((left, top + tile + line * LINE_HEIGHT), _fit(draw, text, tile, font),
+                      fill=color, font=font)
+    return np.asarray(grid)
+
+
+def _font():
+    return ImageFont.load_default(size=FONT_SIZE)
+
+
+def _fit(draw, text: str, width: int, font) -> str:
+    """Cut `text` with an ellipsis until it fits in `width` pixels."""
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength(text + "…", font=font) > width:
+        text = text[:-1]
+    return text + "…"
