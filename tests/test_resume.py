@@ -21,7 +21,8 @@ def _args(data_dir, model_dir):
             "--backbone=tiny", "--weights=none", "--fine_tune_at=block2_conv1", "--batch_size=4",
             "--steps_per_epoch=4", "--eval_steps=2", "--head_units=8", "--deterministic",
             f"--head_epochs={HEAD_EPOCHS}", f"--finetune_epochs={FINETUNE_EPOCHS}",
-            "--finetune_learning_rate=1e-3", "--save_every_steps=2", f"--model_dir={model_dir}"]
+            "--finetune_learning_rate=1e-3", "--save_every_steps=2", "--log_every_steps=1",
+            f"--model_dir={model_dir}"]
 
 
 def _state(model_dir):
