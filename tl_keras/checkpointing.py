@@ -56,8 +56,9 @@ def save_state(model_dir: str, state: RunState, classifier: keras.Model | None =
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
         classifier.save_weights(os.path.join(tmp, "model.weights.h5"))
+        np.savez(os.path.join(tmp, "rng.npz"), *[v.numpy() for v in _rng_variables(classifier)])
         if fit_model is not None:
-            np.savez(os.path.join(tmp, "training.npz"), *_training_variables(fit_model))
+            np.savez(os.path.join(tmp, "training.npz"), *[v.numpy() for v in fit_model.optimizer.variables])
         os.replace(tmp, target)
     _write_json(os.path.join(directory, STATE_FILE), dataclasses.asdict(state))
     if classifier is not None:
@@ -66,23 +67,35 @@ def save_state(model_dir: str, state: RunState, classifier: keras.Model | None =
 
 def restore(model_dir: str, state: RunState, classifier: keras.Model,
             fit_model: keras.Model | None = None):
-    """Load the weights saved with `state` and, if fit_model is compiled, its optimizer and RNG."""
+    """Load the weights and RNG state saved with `state` and, if fit_model is compiled, its optimizer.
+
+    The RNG state (dropout's seed generators) carries over phases, so it is restored even at the phase
+    boundary, where the optimizer starts fresh.
+    """
     target = _latest_state_dir(model_dir, state)
     classifier.load_weights(os.path.join(target, "model.weights.h5"))
+    _assign(_rng_variables(classifier), os.path.join(target, "rng.npz"))
     training = os.path.join(target, "training.npz")
     if fit_model is None or not os.path.exists(training):
         return False
     fit_model.optimizer.build(fit_model.trainable_variables)
-    saved = np.load(training)
-    values = [saved[f"arr_{i}"] for i in range(len(saved.files))]
-    variables = _training_variables(fit_model, as_variables=True)
-    if len(values) != len(variables):
+    if not _assign(list(fit_model.optimizer.variables), training):
         logging.warning("Saved optimizer state does not match this phase; starting it fresh.")
+        return False
+    logging.info("Restored weights, optimizer (step %d) and RNG state from %s.",
+                 int(fit_model.optimizer.iterations.numpy()), target)
+    return True
+
+
+def _assign(variables, path: str) -> bool:
+    if not os.path.exists(path):
+        return False
+    saved = np.load(path)
+    values = [saved[f"arr_{i}"] for i in range(len(saved.files))]
+    if len(values) != len(variables) or any(tuple(v.shape) != a.shape for v, a in zip(variables, values)):
         return False
     for variable, value in zip(variables, values):
         variable.assign(value)
-    logging.info("Restored weights, optimizer (step %d) and RNG state from %s.",
-                 int(fit_model.optimizer.iterations.numpy()), target)
     return True
 
 
@@ -94,12 +107,10 @@ def _latest_state_dir(model_dir: str, state: RunState) -> str:
     return os.path.join(checkpoint_dir(model_dir), f"state-{state.save_id:06d}")
 
 
-def _training_variables(fit_model: keras.Model, as_variables: bool = False):
-    """Optimizer slots and step, plus RNG states (dropout's seed generators), in a stable order."""
-    weights = {id(v) for v in fit_model.weights}
-    rng = [v for v in fit_model.variables if id(v) not in weights]
-    variables = list(fit_model.optimizer.variables) + rng
-    return variables if as_variables else [np.asarray(v.numpy()) for v in variables]
+def _rng_variables(model: keras.Model):
+    """Variables that are not weights: the seed generators' states (dropout), in a stable order."""
+    weights = {id(v) for v in model.weights}
+    return [v for v in model.variables if id(v) not in weights]
 
 
 def _remove_old_states(directory: str, keep: str):
