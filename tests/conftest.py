@@ -13,6 +13,7 @@ tf.config.set_logical_device_configuration(
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+import tensorflow_datasets as tfds  # noqa: E402
 
 from tl_keras import config as config_lib  # noqa: E402
 from tl_keras import input_pipeline  # noqa: E402
@@ -73,3 +74,21 @@ def requires_shared():
     return pytest.mark.skipif(
         not (os.path.isdir(SHARED_DATA) and os.path.isfile(SHARED_WEIGHTS)),
         reason=f"needs the offline CIFAR-10 copy and VGG16 weights under {SHARED} (absent here)")
+
+
+@pytest.fixture(scope="session")
+def tiny_tfds_dir(tmp_path_factory):
+    """A real prepared TFDS dataset on disk, so the CLI's TFDS path runs offline."""
+    data_dir = tmp_path_factory.mktemp("tfds")
+
+    def split(n, seed):
+        images, labels = make_examples(n, seed)
+        return tf.data.Dataset.from_tensor_slices({"image": images, "label": labels})
+
+    tfds.dataset_builders.store_as_tfds_dataset(
+        name="tiny_shapes", version="1.0.0", data_dir=str(data_dir),
+        features=tfds.features.FeaturesDict({
+            "image": tfds.features.Image(shape=(32, 32, 3)),
+            "label": tfds.features.ClassLabel(names=CLASS_NAMES)}),
+        split_datasets={"train": split(24, 0), "test": split(8, 1)})
+    return str(data_dir)

@@ -8,7 +8,6 @@ import sys
 import numpy as np
 import pytest
 import tensorflow as tf
-import tensorflow_datasets as tfds
 
 from conftest import CLASS_NAMES, REPO, make_examples
 
@@ -17,24 +16,6 @@ def run_cli(*args, timeout=600):
     env = dict(os.environ, PYTHONPATH=REPO)
     return subprocess.run([sys.executable, "-m", "tl_keras.main", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
-
-
-@pytest.fixture(scope="session")
-def tiny_tfds_dir(tmp_path_factory):
-    """A real prepared TFDS dataset on disk, so the CLI's TFDS path runs offline."""
-    data_dir = tmp_path_factory.mktemp("tfds")
-
-    def split(n, seed):
-        images, labels = make_examples(n, seed)
-        return tf.data.Dataset.from_tensor_slices({"image": images, "label": labels})
-
-    tfds.dataset_builders.store_as_tfds_dataset(
-        name="tiny_shapes", version="1.0.0", data_dir=str(data_dir),
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(shape=(32, 32, 3)),
-            "label": tfds.features.ClassLabel(names=CLASS_NAMES)}),
-        split_datasets={"train": split(24, 0), "test": split(8, 1)})
-    return str(data_dir)
 
 
 def _one_line_error(result, *expected):

@@ -7,7 +7,6 @@ import os
 from absl.testing import flagsaver
 import pytest
 
-from tl_keras import config as config_lib
 from tl_keras import flags as tl_flags
 from tl_keras.errors import UserError
 

@@ -17,7 +17,7 @@ from tl_keras import train
 from tl_keras.errors import UserError
 
 from conftest import make_examples
-from test_cli import REPO, tiny_tfds_dir  # noqa: F401  (fixture)
+from test_cli import REPO
 
 
 @pytest.fixture(autouse=True)
@@ -131,7 +131,7 @@ def _run_two_workers(data_dir, model_dir, extra_env=None, timeout=420):
     return results
 
 
-def test_multi_worker_runs_both_phases_with_one_export(tmp_path, tiny_tfds_dir):  # noqa: F811
+def test_multi_worker_runs_both_phases_with_one_export(tmp_path, tiny_tfds_dir):
     model_dir = tmp_path / "run"
     results = _run_two_workers(tiny_tfds_dir, model_dir)
     for code, stderr in results:
@@ -146,7 +146,7 @@ def test_multi_worker_runs_both_phases_with_one_export(tmp_path, tiny_tfds_dir):
     assert losses[0] and losses[0] == losses[1]
 
 
-def test_multi_worker_fails_without_the_compat_fix(tmp_path, tiny_tfds_dir):  # noqa: F811
+def test_multi_worker_fails_without_the_compat_fix(tmp_path, tiny_tfds_dir):
     results = _run_two_workers(tiny_tfds_dir, tmp_path / "run",
                                extra_env={"TL_KERAS_DISABLE_MULTI_WORKER_COMPAT": "1"}, timeout=240)
     assert all(code != 0 for code, _ in results)

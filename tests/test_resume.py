@@ -11,7 +11,7 @@ import time
 import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
-from test_cli import REPO, run_cli, tiny_tfds_dir  # noqa: F401  (fixture)
+from test_cli import REPO, run_cli
 
 HEAD_EPOCHS, FINETUNE_EPOCHS = 2, 2
 
@@ -81,7 +81,7 @@ def _epoch_steps(model_dir, run, tag="epoch_loss"):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, tiny_tfds_dir):  # noqa: F811
+def uninterrupted(tmp_path_factory, tiny_tfds_dir):
     model_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
     result = run_cli(*_args(tiny_tfds_dir, model_dir))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -89,7 +89,7 @@ def uninterrupted(tmp_path_factory, tiny_tfds_dir):  # noqa: F811
 
 
 @pytest.mark.parametrize("point", list(KILL_POINTS))
-def test_resume_after_sigkill_matches_uninterrupted(point, tmp_path, tiny_tfds_dir, uninterrupted):  # noqa: F811
+def test_resume_after_sigkill_matches_uninterrupted(point, tmp_path, tiny_tfds_dir, uninterrupted):
     model_dir = tmp_path / "run"
     args = _args(tiny_tfds_dir, model_dir)
     killed_at = _run_and_kill(args, str(model_dir), KILL_POINTS[point])
@@ -114,7 +114,7 @@ def test_resume_after_sigkill_matches_uninterrupted(point, tmp_path, tiny_tfds_d
     assert sorted(os.listdir(model_dir / "export")) == ["1", "labels.txt"]
 
 
-def test_finished_run_does_nothing_and_overwrite_starts_fresh(tmp_path, tiny_tfds_dir):  # noqa: F811
+def test_finished_run_does_nothing_and_overwrite_starts_fresh(tmp_path, tiny_tfds_dir):
     model_dir = tmp_path / "run"
     args = _args(tiny_tfds_dir, model_dir) + ["--head_epochs=1", "--finetune_epochs=0"]
     assert run_cli(*args).returncode == 0
@@ -127,7 +127,7 @@ def test_finished_run_does_nothing_and_overwrite_starts_fresh(tmp_path, tiny_tfd
     assert sorted(os.listdir(model_dir / "export")) == ["1", "labels.txt"]
 
 
-def test_resume_with_other_settings_lists_the_differences(tmp_path, tiny_tfds_dir):  # noqa: F811
+def test_resume_with_other_settings_lists_the_differences(tmp_path, tiny_tfds_dir):
     model_dir = tmp_path / "run"
     args = _args(tiny_tfds_dir, model_dir) + ["--head_epochs=1", "--finetune_epochs=0"]
     assert run_cli(*args).returncode == 0

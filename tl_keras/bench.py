@@ -7,7 +7,6 @@ Absolute img/s vary a lot on shared machines; the ratios, measured in one proces
 """
 
 import json
-import math
 import os
 import resource
 import sys

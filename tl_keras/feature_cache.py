@@ -21,6 +21,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tl_keras import input_pipeline
+
 FORMAT_VERSION = 1
 ORIENTATIONS = {False: "", True: "_flipped"}
 
@@ -141,11 +143,12 @@ def train_dataset(features: np.ndarray, labels: np.ndarray, num_classes: int, ba
     read = _reader(features, labels, flipped)
 
     def epoch_batches(epoch):
-        epoch_seed = tf.stack([tf.cast(seed, tf.int64), epoch])
-        order = tf.random.experimental.stateless_shuffle(tf.range(n, dtype=tf.int64), epoch_seed)
-        flips = tf.random.stateless_uniform([n], epoch_seed + [0, 2**40]) < 0.5
-        batches = tf.data.Dataset.from_tensor_slices((order, flips)).batch(batch_size)
-        return batches.take(steps_per_epoch or -1)
+        # The same shuffle op, seed and buffer as the image pipeline: shuffling depends only on those
+        # and the length, so the cached head sees the images' order, batch for batch.
+        seed_e = input_pipeline.epoch_seed(seed, epoch)
+        order = tf.data.Dataset.range(n).shuffle(input_pipeline.SHUFFLE_BUFFER, seed=seed_e)
+        with_flips = order.map(lambda i: (i, tf.random.stateless_uniform([], tf.stack([seed_e, i])) < 0.5))
+        return with_flips.batch(batch_size).take(steps_per_epoch or -1)
 
     ds = tf.data.Dataset.range(start_epoch, 2**62).flat_map(epoch_batches).skip(skip_steps)
     ds = ds.map(read, num_parallel_calls=tf.data.AUTOTUNE)
