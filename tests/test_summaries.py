@@ -23,6 +23,7 @@ from tl_keras import backbones
 from tl_keras import config as config_lib
 from tl_keras import flags as tl_flags
 from tl_keras import models
+from tl_keras import report
 from tl_keras import summaries
 from tl_keras import train
 from tl_keras.errors import UserError
@@ -271,7 +272,7 @@ def test_inverse_preprocessing_restores_the_image(backbone):
 
 
 def test_confusion_matrix_and_its_image():
-    matrix = summaries.confusion_matrix([0, 0, 1, 2, 2, 2], [0, 1, 1, 2, 2, 0], 3)
+    matrix = report.confusion_matrix([0, 0, 1, 2, 2, 2], [0, 1, 1, 2, 2, 0], 3)
     np.testing.assert_array_equal(matrix, [[1, 1, 0], [0, 1, 0], [1, 0, 2]])
     image = summaries.confusion_matrix_image(np.diag([5, 0, 5]), CLASS_NAMES)
     cell = summaries.confusion_cell_size(3)

@@ -29,6 +29,7 @@ from tensorboard.plugins.hparams import api as hp
 
 from tl_keras import input_pipeline
 from tl_keras import models
+from tl_keras import report
 
 GRID_EXAMPLES = 16  # Augmented inputs and misclassified examples shown per grid.
 MIN_TILE = 96  # Small images are upscaled (nearest neighbour) to at least this many pixels a side.
@@ -123,7 +124,7 @@ class RunSummaries:
         probabilities, labels = _predict(model, test, self.config.eval_steps)
         predictions = np.argmax(probabilities, axis=-1)
         names = self.splits.class_names
-        matrix = confusion_matrix(labels, predictions, len(names))
+        matrix = report.confusion_matrix(labels, predictions, len(names))
         wrong = np.flatnonzero(predictions != labels)
         wrong = wrong[np.argsort(-probabilities[wrong, predictions[wrong]], kind="stable")][:GRID_EXAMPLES]
         with self.writers["test"].as_default(step=epoch):
@@ -423,12 +424,6 @@ def flags_markdown(config) -> str:
 
 def _code_block(text: str) -> str:
     return "\n".join("    " + line for line in text.splitlines())
-
-
-def confusion_matrix(labels, predictions, num_classes: int) -> np.ndarray:
-    """counts[true, predicted]."""
-    index = np.asarray(labels, np.int64) * num_classes + np.asarray(predictions, np.int64)
-    return np.bincount(index, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
 
 
 def confusion_matrix_markdown(matrix: np.ndarray, class_names) -> str:
