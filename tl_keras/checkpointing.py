@@ -99,10 +99,6 @@ def _assign(variables, path: str) -> bool:
     return True
 
 
-def has_weights(model_dir: str, state: RunState) -> bool:
-    return os.path.exists(os.path.join(_latest_state_dir(model_dir, state), "model.weights.h5"))
-
-
 def _latest_state_dir(model_dir: str, state: RunState) -> str:
     return os.path.join(checkpoint_dir(model_dir), f"state-{state.save_id:06d}")
 
