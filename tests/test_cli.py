@@ -122,3 +122,21 @@ def test_predict_prints_top_k_and_reports_a_corrupt_file(tmp_path):
     written = json.loads((tmp_path / "out.json").read_text())
     assert written["export_dir"] == str(tmp_path / "run" / "export" / "1")
     assert "error" in written["results"][2] and len(written["results"][0]["predictions"]) == 3
+
+
+def test_bench_writes_its_ratios_as_json(tmp_path, tiny_tfds_dir):
+    """The benchmark runs end to end on local data and writes every ratio it prints (not timed here)."""
+    out = tmp_path / "bench.json"
+    env = dict(os.environ, PYTHONPATH=REPO)
+    result = subprocess.run(
+        [sys.executable, "-m", "tl_keras.bench", "--flagfile=configs/smoke.flags", "--dataset=tiny_shapes",
+         f"--data_dir={tiny_tfds_dir}", "--weights=none", f"--model_dir={tmp_path}/run",
+         "--bench_examples=16", "--bench_phase2_steps=2", f"--bench_json={out}"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    results = json.loads(out.read_text())
+    assert results["examples"] == 16
+    for key in ("phase1_speedup", "head_epoch_speedup", "pipeline_vs_train_ratio", "matmul_conv_speedup"):
+        assert results[key] > 0, key
+    assert results["matmul_conv_layers"] == 6  # VGG16 blocks 4 and 5 run on 4x4 and 2x2 maps at 32 px.
+    assert "matmul_conv_speedup" in result.stdout

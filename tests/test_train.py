@@ -168,3 +168,25 @@ def test_model_dir_that_cannot_be_created_is_a_user_error(make_config, tiny_spli
     with pytest.raises(UserError, match="model_dir"):
         train.run(make_config(model_dir=str(blocker / "run")), splits=tiny_splits)
     assert blocker.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_phase_end_metrics_match_keras_evaluate(label_smoothing):
+    """Phase-end metrics come from the one prediction pass the summaries need; they must equal what
+    model.evaluate reports with the compiled loss and metrics."""
+    from tl_keras import config as config_lib
+    from tl_keras import report
+
+    config = config_lib.Config(model_dir="unused", backbone="tiny", weights="none", label_smoothing=label_smoothing)
+    model = models.build_classifier("tiny", 32, 7, "none", head_units=(8,))
+    train._compile(model, 1e-3, config, 7)
+    images, labels = make_examples(40, seed=3, num_classes=7)
+    batches = tf.data.Dataset.from_tensor_slices(
+        (models.get_preprocessing("tiny", 32)(images), tf.one_hot(labels, 7))).batch(16)
+    probabilities, seen = report.collect_predictions(model, batches)
+    np.testing.assert_array_equal(seen, labels)
+    ours = train.metrics_from_predictions(probabilities, seen, label_smoothing)
+    keras_metrics = train.evaluate(model, batches)
+    for name, value in keras_metrics.items():
+        assert ours[name] == pytest.approx(value, abs=1e-5), name
+    assert ours["test_top5_accuracy"] > ours["test_accuracy"]  # 7 classes: top-5 is a different check.

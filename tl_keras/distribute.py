@@ -106,6 +106,13 @@ def resolve_precision(name: str, strategy: tf.distribute.Strategy) -> str:
     return "float32"
 
 
+def computes_on_cpu(strategy: tf.distribute.Strategy) -> bool:
+    """Whether the replicas run on CPUs, where some kernels are worth replacing (see matmul_conv)."""
+    if isinstance(strategy, tf.distribute.TPUStrategy):
+        return False
+    return not tf.config.list_logical_devices("GPU")
+
+
 def check_combination(precision: str, jit_compile: bool, strategy: tf.distribute.Strategy):
     """Refuse combinations Keras is known to crash on, before any work is done."""
     if (precision == "mixed_float16" and jit_compile and strategy.num_replicas_in_sync > 1):

@@ -8,6 +8,7 @@ import numpy as np
 import tensorflow as tf
 
 from tl_keras import backbones
+from tl_keras import matmul_conv
 from tl_keras.errors import UserError, first_line
 
 HEAD_INPUT = "gap"  # Everything after this layer is the head; its output is what phase 1 caches.
@@ -52,8 +53,13 @@ def get_inverse_preprocessing(backbone: str):
     return unpreprocess
 
 
-def build_backbone(name: str, image_size: int, weights: str = "imagenet") -> keras.Model:
-    """Build a headless backbone named 'backbone', with weights 'imagenet', 'none' or a .h5 path."""
+def build_backbone(name: str, image_size: int, weights: str = "imagenet",
+                   matmul_small_convs: bool = False) -> keras.Model:
+    """Build a headless backbone named 'backbone', with weights 'imagenet', 'none' or a .h5 path.
+
+    matmul_small_convs computes convolutions on maps of 4x4 or less as matmuls (see matmul_conv):
+    the same outputs and weights, and on CPU a whole-network training step ~1.3x faster at 32 px.
+    """
     spec = backbones.BACKBONES[name]
     input_shape = (image_size, image_size, 3)
     if spec.application is None:
@@ -81,6 +87,8 @@ def build_backbone(name: str, image_size: int, weights: str = "imagenet") -> ker
             raise UserError(
                 f"Could not load backbone weights into {name} ({first_line(e)}). Received: weights={weights}"
             ) from None
+    if matmul_small_convs and (count := matmul_conv.convert(backbone)):
+        logging.info("%d convolutions of %s run on maps of 4x4 or less: computed as matmuls.", count, name)
     return backbone
 
 
@@ -102,9 +110,10 @@ def build_classifier(
     head_units=(256,),
     head_batchnorm: bool = True,
     dropout: float = 0.3,
+    matmul_small_convs: bool = False,
 ) -> keras.Model:
     """Frozen backbone, GAP, then the head; the final Dense stays float32 under mixed precision."""
-    backbone = build_backbone(backbone_name, image_size, weights)
+    backbone = build_backbone(backbone_name, image_size, weights, matmul_small_convs)
     backbone.trainable = False
     inputs = keras.Input((image_size, image_size, 3), name="image")
     # training=False keeps BatchNormalization in inference mode even after unfreezing.

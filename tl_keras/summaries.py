@@ -107,12 +107,12 @@ class RunSummaries:
     def phase_callback(self, phase: int, classifier: keras.Model, initial_epoch: int, learning_rate):
         return PhaseSummaries(self, phase, classifier, initial_epoch, learning_rate)
 
-    def write_phase_end(self, phase: int, epoch: int, model: keras.Model, test: tf.data.Dataset,
+    def write_phase_end(self, phase: int, epoch: int, probabilities: np.ndarray, labels: np.ndarray,
                         metrics: dict):
         """Test metrics, the confusion matrix and the most confident mistakes at the phase's end.
 
-        `model` and `test` are the phase's own (features or images in): same predictions as the
-        classifier on images, and the test batches come in the raw split's order.
+        `probabilities` and `labels` come from report.collect_predictions on the phase's test
+        batches, which follow the raw split's order.
         """
         ends = dict(metrics)
         for run, values in self.last_epoch.items():
@@ -121,7 +121,6 @@ class RunSummaries:
             for name, _ in HPARAM_METRICS:
                 if name in ends:
                     tf.summary.scalar(f"phase_end/{name}", ends[name])
-        probabilities, labels = _predict(model, test, self.config.eval_steps)
         predictions = np.argmax(probabilities, axis=-1)
         names = self.splits.class_names
         matrix = report.confusion_matrix(labels, predictions, len(names))
@@ -375,15 +374,6 @@ class PhaseSummaries(keras.callbacks.Callback):
             step = max(0, int(self.model.optimizer.iterations.numpy()) - 1)
             return float(self.learning_rate(step))
         return float(self.learning_rate)
-
-
-def _predict(model: keras.Model, batches: tf.data.Dataset, steps: int | None):
-    """(probabilities, integer labels), by eager calls: compiled predict() would trace once more."""
-    probabilities, labels = [], []
-    for x, y in batches.take(steps or -1):
-        probabilities.append(keras.ops.convert_to_numpy(model(x, training=False)))
-        labels.append(np.argmax(y, axis=-1))
-    return np.concatenate(probabilities), np.concatenate(labels)
 
 
 def _scalars(logs) -> dict:

@@ -14,6 +14,7 @@ from typing import Callable
 
 from absl import logging
 import keras
+import numpy as np
 import tensorflow as tf
 
 from tl_keras import backbones
@@ -206,7 +207,8 @@ def train_and_export(config: Config, strategy, data: Data) -> dict:
     with strategy.scope():
         model = models.build_classifier(
             config.backbone, config.image_size, data.splits.num_classes, config.weights,
-            config.head_units, config.head_batchnorm, config.dropout)
+            config.head_units, config.head_batchnorm, config.dropout,
+            matmul_small_convs=distribute.computes_on_cpu(strategy))
         if state.save_id:
             checkpointing.restore(config.model_dir, state, model)
     cache = None
@@ -319,9 +321,12 @@ def _fit(model, phase: PhaseData, config: Config, train_steps: int, state, end_e
 
 def _phase_metrics(phase: PhaseData, config: Config, start: float, number: int, last_epoch: int,
                    board: summaries.RunSummaries | None) -> dict:
-    metrics = evaluate(phase.model, phase.test, config.eval_steps)
-    if board:
-        board.write_phase_end(number, last_epoch, phase.model, phase.test, metrics)
+    if board:  # One pass over the test split serves both the metrics and the summaries.
+        probabilities, labels = report_lib.collect_predictions(phase.model, phase.test, config.eval_steps)
+        metrics = metrics_from_predictions(probabilities, labels, config.label_smoothing)
+        board.write_phase_end(number, last_epoch, probabilities, labels, metrics)
+    else:
+        metrics = evaluate(phase.model, phase.test, config.eval_steps)
     metrics["wall_seconds"] = round(time.time() - start, 2)
     logging.info("Phase %d test accuracy %.4f (top-5 %.4f) after %.0f s.", number, metrics["test_accuracy"],
                  metrics["test_top5_accuracy"], metrics["wall_seconds"])
@@ -346,6 +351,20 @@ def evaluate(model: keras.Model, test: tf.data.Dataset, steps: int | None = None
         "test_loss": float(results["loss"]),
         "test_accuracy": float(results["accuracy"]),
         "test_top5_accuracy": float(results["top5_accuracy"]),
+    }
+
+
+def metrics_from_predictions(probabilities: np.ndarray, labels: np.ndarray, label_smoothing: float) -> dict:
+    """What evaluate() reports, from predictions already made: the compiled loss and metrics."""
+    num_classes = probabilities.shape[-1]
+    one_hot = np.eye(num_classes, dtype=np.float32)[labels]
+    loss = keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing)(one_hot, probabilities)
+    true = probabilities[np.arange(len(labels)), labels]
+    rank = np.sum(probabilities > true[:, None], axis=-1)  # Classes scored above the true one.
+    return {
+        "test_loss": float(loss),
+        "test_accuracy": float(np.mean(np.argmax(probabilities, axis=-1) == labels)),
+        "test_top5_accuracy": float(np.mean(rank < min(5, num_classes))),
     }
 
 
@@ -476,7 +495,8 @@ def _restore_classifier(config: Config, strategy, num_classes: int) -> keras.Mod
     with strategy.scope():
         model = models.build_classifier(
             config.backbone, config.image_size, num_classes, "none",
-            config.head_units, config.head_batchnorm, config.dropout)
+            config.head_units, config.head_batchnorm, config.dropout,
+            matmul_small_convs=distribute.computes_on_cpu(strategy))
         model.load_weights(path)
         _compile(model, config.head_learning_rate, config, num_classes)
     logging.info("Loaded %s.", path)
