@@ -359,12 +359,10 @@ def metrics_from_predictions(probabilities: np.ndarray, labels: np.ndarray, labe
     num_classes = probabilities.shape[-1]
     one_hot = np.eye(num_classes, dtype=np.float32)[labels]
     loss = keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing)(one_hot, probabilities)
-    true = probabilities[np.arange(len(labels)), labels]
-    rank = np.sum(probabilities > true[:, None], axis=-1)  # Classes scored above the true one.
     return {
         "test_loss": float(loss),
-        "test_accuracy": float(np.mean(np.argmax(probabilities, axis=-1) == labels)),
-        "test_top5_accuracy": float(np.mean(rank < min(5, num_classes))),
+        "test_accuracy": report_lib.top_k_accuracy(probabilities, labels, 1),
+        "test_top5_accuracy": report_lib.top_k_accuracy(probabilities, labels, min(5, num_classes)),
     }
 
 
