@@ -11,39 +11,12 @@ _cpus = tf.config.list_physical_devices("CPU")
 tf.config.set_logical_device_configuration(
     _cpus[0], [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()])
 
-import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import tensorflow_datasets as tfds  # noqa: E402
 
 from tl_keras import config as config_lib  # noqa: E402
-from tl_keras import input_pipeline  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = os.path.join(os.path.dirname(REPO), "shared")
-SHARED_DATA = os.path.join(SHARED, "data", "tensorflow_datasets")
-SHARED_WEIGHTS = os.path.join(SHARED, "weights", "vgg16_hed_notop.weights.h5")
-CLASS_NAMES = ["cat", "dog", "frog"]
-
-
-def make_examples(n: int, seed: int, size: int = 32, num_classes: int = 3):
-    """Images whose mean brightness depends on the class, so a few steps can learn something."""
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, num_classes, n)
-    base = (labels * (200 // max(1, num_classes - 1)))[:, None, None, None]
-    images = np.clip(base + rng.integers(0, 56, (n, size, size, 3)), 0, 255).astype(np.uint8)
-    return images, labels
-
-
-def make_splits(num_train=24, num_test=8, validation_split=0.25, seed=0, size=32):
-    images, labels = make_examples(num_train, seed, size)
-    test_images, test_labels = make_examples(num_test, seed + 1, size)
-    splits = input_pipeline.Splits(
-        train=tf.data.Dataset.from_tensor_slices((images, labels)),
-        test=tf.data.Dataset.from_tensor_slices((test_images, test_labels)),
-        class_names=list(CLASS_NAMES), num_train=num_train, num_test=num_test)
-    if validation_split:
-        splits = input_pipeline.hold_out_validation(splits, validation_split, seed)
-    return splits
+from helpers import CLASS_NAMES, make_examples, make_splits  # noqa: E402
 
 
 @pytest.fixture
@@ -68,12 +41,6 @@ def make_config(tmp_path):
 @pytest.fixture(scope="session")
 def mirrored_strategy():
     return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-
-
-def requires_shared():
-    return pytest.mark.skipif(
-        not (os.path.isdir(SHARED_DATA) and os.path.isfile(SHARED_WEIGHTS)),
-        reason=f"needs the offline CIFAR-10 copy and VGG16 weights under {SHARED} (absent here)")
 
 
 @pytest.fixture(scope="session")

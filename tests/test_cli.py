@@ -9,13 +9,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import CLASS_NAMES, REPO, make_examples
+from helpers import CLASS_NAMES, REPO, make_examples, run_cli
 
-
-def run_cli(*args, timeout=600):
-    env = dict(os.environ, PYTHONPATH=REPO)
-    return subprocess.run([sys.executable, "-m", "tl_keras.main", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+# Real subprocesses of the command line: the slow tier.
+pytestmark = pytest.mark.slow
 
 
 def _one_line_error(result, *expected):
@@ -100,10 +97,11 @@ def test_min_accuracy_fails_training_and_skips_the_export(tmp_path, tiny_tfds_di
 
 
 def test_predict_prints_top_k_and_reports_a_corrupt_file(tmp_path):
-    from tl_keras import export, models
+    from tl_keras.model import backbones, classifier
+    from tl_keras.serving import export
 
-    model = models.build_classifier("tiny", 32, len(CLASS_NAMES), "none", head_units=(8,))
-    export.export_saved_model(model, str(tmp_path / "run" / "export"), models.get_preprocessing("tiny", 32),
+    model = classifier.build_classifier("tiny", 32, len(CLASS_NAMES), "none", head_units=(8,))
+    export.export_saved_model(model, str(tmp_path / "run" / "export"), backbones.get_preprocessing("tiny", 32),
                               CLASS_NAMES)
     images, _ = make_examples(2, seed=4, size=40)
     for i, image in enumerate(images):
@@ -129,7 +127,7 @@ def test_bench_writes_its_ratios_as_json(tmp_path, tiny_tfds_dir):
     out = tmp_path / "bench.json"
     env = dict(os.environ, PYTHONPATH=REPO)
     result = subprocess.run(
-        [sys.executable, "-m", "tl_keras.bench", "--flagfile=configs/smoke.flags", "--dataset=tiny_shapes",
+        [sys.executable, "-m", "tools.bench", "--flagfile=configs/smoke.flags", "--dataset=tiny_shapes",
          f"--data_dir={tiny_tfds_dir}", "--weights=none", f"--model_dir={tmp_path}/run",
          "--bench_examples=16", "--bench_phase2_steps=2", f"--bench_json={out}"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)

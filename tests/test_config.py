@@ -1,16 +1,18 @@
-"""Flags -> frozen Config: validation messages, flagfiles, and the flags.txt round trip."""
+"""Flags -> frozen Config: validation messages, lifetimes, flagfiles, and the flags.txt round trip."""
 
 import dataclasses
 import glob
 import os
+import re
 
 from absl.testing import flagsaver
 import pytest
 
+from tl_keras import config as config_lib
 from tl_keras import flags as tl_flags
 from tl_keras.errors import UserError
 
-from conftest import REPO
+from helpers import REPO
 
 
 def parse(argv):
@@ -31,25 +33,17 @@ def test_config_is_frozen(make_config):
     (dict(backbone="vgg16", image_size=16), "Received: image_size=16"),
     (dict(batch_size=0), "Received: batch_size=0"),
     (dict(validation_split=1.0), "Received: validation_split=1.0"),
-    (dict(weights="/no/such/file.weights.h5"), "Received: weights=/no/such/file.weights.h5"),
     (dict(weights="weights.bin"), "Received: weights=weights.bin"),
     (dict(dropout=1.5), "Received: dropout=1.5"),
     (dict(head_learning_rate=0.0), "Received: head_learning_rate=0.0"),
     (dict(steps_per_epoch=0), "Received: steps_per_epoch=0"),
     (dict(augment="sideways"), "Received: augment=sideways"),
     (dict(model_dir=""), "Received: model_dir="),
+    (dict(dataset="folder:"), "Received: dataset=folder:"),
 ])
 def test_bad_values_name_the_flag_and_value(make_config, overrides, message):
     with pytest.raises(UserError, match=message):
         make_config(**overrides)
-
-
-def test_model_dir_that_is_a_file_is_refused(make_config, tmp_path):
-    path = tmp_path / "file"
-    path.write_text("data")
-    with pytest.raises(UserError, match="not a directory"):
-        make_config(model_dir=str(path))
-    assert path.read_text() == "data"
 
 
 def test_vgg16_error_mentions_minimum(make_config):
@@ -113,3 +107,89 @@ def test_serving_flags_round_trip(make_config, tmp_path):
     # Predicting from an export needs no model_dir.
     predict = parse([f"--export_dir={tmp_path}", "--mode=predict", "--images=/tmp/*.jpg"])
     assert predict.model_dir is None and predict.export_dir == str(tmp_path)
+
+
+# The pre-lifetime string sets, verbatim: the lifetimes must accept exactly what they accepted.
+OLD_RESUME_MAY_CHANGE = {
+    "model_dir", "data_dir", "mode", "checkpoint", "overwrite", "save_every_steps",
+    "distribution_strategy", "log_every_steps", "profile_steps", "eval_steps", "num_gpus", "tpu",
+    "jit_compile", "steps_per_execution",
+}
+OLD_ARCHITECTURE = {"backbone", "image_size", "head_units", "head_batchnorm", "dataset"}
+OLD_NOT_HPARAMS = {"model_dir", "mode", "data_dir"}
+
+
+def test_lifetimes_accept_what_the_old_name_sets_accepted():
+    assert config_lib.names(config_lib.RUNTIME, config_lib.LOCATION) == OLD_RESUME_MAY_CHANGE
+    assert config_lib.names(config_lib.ARCHITECTURE) == OLD_ARCHITECTURE
+    assert config_lib.names(config_lib.LOCATION) == OLD_NOT_HPARAMS
+    everything = {field.name for field in dataclasses.fields(config_lib.Config)}
+    assert config_lib.names(config_lib.EXPERIMENT) == everything - OLD_RESUME_MAY_CHANGE - OLD_ARCHITECTURE
+
+
+def test_every_field_declares_one_group_and_one_lifetime():
+    groups = [group for group, _ in config_lib.GROUPS]
+    assert len(set(groups)) == len(groups)
+    for field in dataclasses.fields(config_lib.Config):
+        assert config_lib.group_of(field.name) in groups, field.name
+        assert config_lib.lifetime_of(field.name) in config_lib.LIFETIMES, field.name
+    assert config_lib.names(*config_lib.LIFETIMES) == {f.name for f in dataclasses.fields(config_lib.Config)}
+    assert {config_lib.group_of(f.name) for f in dataclasses.fields(config_lib.Config)} == set(groups)
+
+
+def test_unknown_lifetime_or_name_is_refused():
+    with pytest.raises(ValueError, match="Received: lifetime=forever"):
+        config_lib.names("forever")
+    with pytest.raises(ValueError, match="Received: name=nosuch"):
+        config_lib.group_of("nosuch")
+
+
+def test_differences_names_changed_fields_only(make_config):
+    saved = dataclasses.asdict(make_config(head_units=(16, 8), batch_size=8))
+    saved["head_units"] = list(saved["head_units"])  # As json.load returns it.
+    config = make_config(head_units=(32,), batch_size=8, overwrite=True)
+    assert config_lib.differences(saved, config, config_lib.names(config_lib.ARCHITECTURE)) == [
+        "head_units: 16,8 -> 32"]
+    resume_fixed = set(saved) - config_lib.names(config_lib.RUNTIME, config_lib.LOCATION)
+    assert config_lib.differences(saved, config, resume_fixed) == ["head_units: 16,8 -> 32"]
+
+
+def test_config_checks_values_not_the_file_system(make_config, tmp_path):
+    """What exists on disk is the runner's to check (run_dir.check_paths), so a Config can describe
+    a run on another machine."""
+    file = tmp_path / "file"
+    file.write_text("data")
+    config = make_config(model_dir=str(file), weights="/no/such/file.weights.h5",
+                         dataset=f"folder:{tmp_path}/missing")
+    assert config.weights_path == "/no/such/file.weights.h5"
+
+
+# The file-system checks that moved from Config.validate() to the runner, with the same messages.
+
+def test_model_dir_that_is_a_file_is_refused(make_config, tmp_path):
+    from tl_keras.training import run_dir
+
+    path = tmp_path / "file"
+    path.write_text("data")
+    message = f"--model_dir exists and is not a directory. Received: model_dir={path}"
+    with pytest.raises(UserError, match=re.escape(message)):
+        run_dir.check_paths(make_config(model_dir=str(path)))
+    assert path.read_text() == "data"
+
+
+def test_missing_weights_file_is_refused(make_config):
+    from tl_keras.training import run_dir
+
+    message = "--weights file does not exist. Received: weights=/no/such/file.weights.h5"
+    with pytest.raises(UserError, match=re.escape(message)):
+        run_dir.check_paths(make_config(weights="/no/such/file.weights.h5"))
+
+
+def test_missing_dataset_folder_is_refused(make_config, tmp_path):
+    from tl_keras.training import run_dir
+
+    dataset = f"folder:{tmp_path}/missing"
+    message = ("--dataset=folder:PATH needs PATH to be a directory with one subfolder per class. "
+               f"Received: dataset={dataset}")
+    with pytest.raises(UserError, match=re.escape(message)):
+        run_dir.check_paths(make_config(dataset=dataset))

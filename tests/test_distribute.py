@@ -11,13 +11,14 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tl_keras import distribute
-from tl_keras import models
-from tl_keras import train
 from tl_keras.errors import UserError
+from tl_keras.model import backbones
+from tl_keras.model import classifier
+from tl_keras.training import distribute
+from tl_keras.training import phases
+from tl_keras.training import run as train
 
-from conftest import make_examples
-from test_cli import REPO
+from helpers import REPO, cpu_only_host, make_examples
 
 
 @pytest.fixture(autouse=True)
@@ -28,7 +29,7 @@ def float32_policy():
 
 def _one_step(strategy, weights, images, labels):
     with strategy.scope():
-        model = models.build_classifier("tiny", 32, 3, "none", head_units=(8,), head_batchnorm=False,
+        model = classifier.build_classifier("tiny", 32, 3, "none", head_units=(8,), head_batchnorm=False,
                                         dropout=0.0)
         model.set_weights(weights)
         model.compile(optimizer=keras.optimizers.SGD(0.1), loss="categorical_crossentropy")
@@ -40,10 +41,10 @@ def _one_step(strategy, weights, images, labels):
 def test_two_replicas_match_one_at_the_same_global_batch(mirrored_strategy):
     """Global batch 8 on 1 replica and 2 x 4 on 2 replicas: the same loss and the same update."""
     keras.utils.set_random_seed(0)
-    weights = models.build_classifier("tiny", 32, 3, "none", head_units=(8,), head_batchnorm=False,
+    weights = classifier.build_classifier("tiny", 32, 3, "none", head_units=(8,), head_batchnorm=False,
                                       dropout=0.0).get_weights()
     images, labels = make_examples(8, seed=4)
-    images = models.get_preprocessing("tiny", 32)(images)
+    images = backbones.get_preprocessing("tiny", 32)(images)
     labels = tf.one_hot(labels, 3)
     loss_one, weights_one = _one_step(tf.distribute.get_strategy(), weights, images, labels)
     loss_two, weights_two = _one_step(mirrored_strategy, weights, images, labels)
@@ -55,6 +56,7 @@ def test_two_replicas_match_one_at_the_same_global_batch(mirrored_strategy):
         np.testing.assert_allclose(a, b, atol=1e-6)
 
 
+@cpu_only_host
 def test_auto_is_default_without_gpus():
     assert distribute.get_strategy("auto") is tf.distribute.get_strategy()
 
@@ -65,6 +67,7 @@ def test_multi_worker_without_tf_config_is_a_user_error(monkeypatch):
         distribute.get_strategy("multi_worker")
 
 
+@cpu_only_host
 def test_precision_auto_is_float32_on_cpu():
     assert distribute.resolve_precision("auto", tf.distribute.get_strategy()) == "float32"
 
@@ -86,8 +89,8 @@ def test_mixed_bfloat16_trains_and_exports_float32(make_config, tiny_splits):
 
 def test_scale_lr_with_batch(make_config, tiny_splits, mirrored_strategy, monkeypatch):
     seen = []
-    real = train._compile
-    monkeypatch.setattr(train, "_compile", lambda model, lr, *a, **k: (seen.append(lr), real(model, lr, *a, **k)))
+    real = phases.compile_classifier
+    monkeypatch.setattr(phases, "compile_classifier", lambda model, lr, *a, **k: (seen.append(lr), real(model, lr, *a, **k)))
     train.run(make_config(scale_lr_with_batch=True, finetune_epochs=0), strategy=mirrored_strategy,
               splits=tiny_splits)
     assert seen[0] == pytest.approx(2 * 1e-3)
@@ -131,6 +134,7 @@ def _run_two_workers(data_dir, model_dir, extra_env=None, timeout=420):
     return results
 
 
+@pytest.mark.slow
 def test_multi_worker_runs_both_phases_with_one_export(tmp_path, tiny_tfds_dir):
     model_dir = tmp_path / "run"
     results = _run_two_workers(tiny_tfds_dir, model_dir)
@@ -146,6 +150,7 @@ def test_multi_worker_runs_both_phases_with_one_export(tmp_path, tiny_tfds_dir):
     assert losses[0] and losses[0] == losses[1]
 
 
+@pytest.mark.slow
 def test_multi_worker_fails_without_the_compat_fix(tmp_path, tiny_tfds_dir):
     results = _run_two_workers(tiny_tfds_dir, tmp_path / "run",
                                extra_env={"TL_KERAS_DISABLE_MULTI_WORKER_COMPAT": "1"}, timeout=240)

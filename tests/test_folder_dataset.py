@@ -10,14 +10,15 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from tl_keras import files
 from tl_keras import flags as tl_flags
-from tl_keras import folder_dataset
-from tl_keras import input_pipeline
-from tl_keras import train
+from tl_keras.data import folder_dataset
+from tl_keras.data import pipeline
 from tl_keras.errors import UserError
+from tl_keras.training import run as train
+from tl_keras.training import run_dir
 
-from image_folders import BAD_FILES, CLASSES, animated_gif, encode, make_image_folder, photo, write
-from test_cli import run_cli
+from helpers import BAD_FILES, CLASSES, animated_gif, encode, make_image_folder, photo, run_cli, write
 
 
 @pytest.fixture(scope="module")
@@ -217,8 +218,8 @@ def test_class_weight_balanced_reaches_fit(make_config, tmp_path, monkeypatch, c
 
 
 def test_balanced_weights_and_counting_tfds_style_splits(tiny_splits):
-    assert input_pipeline.balanced_class_weights([30, 10, 0]) == {0: 40 / 60, 1: 40 / 20, 2: 1.0}
-    counted = input_pipeline.train_class_counts(tiny_splits)
+    assert pipeline.balanced_class_weights([30, 10, 0]) == {0: 40 / 60, 1: 40 / 20, 2: 1.0}
+    counted = pipeline.train_class_counts(tiny_splits)
     labels = [int(label) for _, label in tiny_splits.train]
     np.testing.assert_array_equal(counted, np.bincount(labels, minlength=3))
 
@@ -236,12 +237,20 @@ def test_changed_files_change_the_fingerprint(tmp_path):
     (dict(validation_split=0.6, test_split_fraction=0.4),
      r"\(sum below 1\). Received: test_split_fraction=0.4"),
     (dict(class_weight="inverse"), "Received: class_weight=inverse"),
-    (dict(dataset="folder:/no/such/folder"), "Received: dataset=folder:/no/such/folder"),
     (dict(dataset="folder:"), "Received: dataset=folder:"),
 ])
 def test_bad_values_name_the_flag_and_value(make_config, overrides, message):
     with pytest.raises(UserError, match=message):
         make_config(**overrides)
+
+
+def test_missing_folder_is_refused_by_the_runner(make_config):
+    """The file system is checked by the runner, before any work; the config checks only values."""
+    config = make_config(dataset="folder:/no/such/folder")
+    with pytest.raises(UserError, match="Received: dataset=folder:/no/such/folder"):
+        run_dir.check_paths(config)
+    with pytest.raises(UserError, match="Received: dataset=folder:/no/such/folder"):
+        train.run(config)
 
 
 def test_folder_path_with_spaces_and_accents_round_trips_through_flags_txt(make_config, tmp_path):
@@ -250,13 +259,14 @@ def test_folder_path_with_spaces_and_accents_round_trips_through_flags_txt(make_
     config = make_config(dataset=f"folder:{folder}", strict=True, class_weight="balanced",
                          test_split_fraction=0.2)
     flagfile = tmp_path / "flags.txt"
-    train._write_text(str(flagfile), config.to_flagfile())
+    files.write_text(str(flagfile), config.to_flagfile())
     with flagsaver.flagsaver():
         tl_flags.FLAGS.unparse_flags()
         tl_flags.FLAGS(["prog", f"--flagfile={flagfile}"])
         assert tl_flags.get_config() == config
 
 
+@pytest.mark.slow
 def test_cli_on_a_messy_folder(tmp_path, messy_folder):
     root, _ = messy_folder
     model_dir = tmp_path / "run"

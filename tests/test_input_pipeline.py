@@ -5,11 +5,12 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from tl_keras import input_pipeline
-from tl_keras import models
+from tl_keras.data import pipeline
+from tl_keras.data import tfds_dataset
 from tl_keras.errors import UserError
+from tl_keras.model import backbones
 
-from conftest import make_splits
+from helpers import make_splits
 
 
 def _labels(ds):
@@ -36,14 +37,14 @@ def test_hold_out_is_seeded_disjoint_and_complete():
 
 def test_hold_out_depends_on_seed():
     base = make_splits(num_train=40, validation_split=0, seed=0)
-    one = input_pipeline.hold_out_validation(base, 0.25, seed=1)
-    two = input_pipeline.hold_out_validation(base, 0.25, seed=2)
+    one = pipeline.hold_out_validation(base, 0.25, seed=1)
+    two = pipeline.hold_out_validation(base, 0.25, seed=2)
     assert not np.array_equal(_images(one.validation), _images(two.validation))
 
 
 def test_augmentation_is_random_but_shape_preserving():
     image = tf.random.uniform([32, 32, 3], 0, 255, seed=1)
-    outputs = [input_pipeline.augment_image(image, tf.constant([i, 7], tf.int64)).numpy() for i in range(8)]
+    outputs = [pipeline.augment_image(image, tf.constant([i, 7], tf.int64)).numpy() for i in range(8)]
     assert all(out.shape == (32, 32, 3) for out in outputs)
     distinct = {out.tobytes() for out in outputs}
     assert len(distinct) > 2
@@ -52,7 +53,7 @@ def test_augmentation_is_random_but_shape_preserving():
 def test_flip_only_augmentation_only_mirrors():
     image = tf.random.uniform([32, 32, 3], 0, 255, seed=2)
     for i in range(6):
-        out = input_pipeline.augment_image(image, tf.constant([i, 1], tf.int64), "flip").numpy()
+        out = pipeline.augment_image(image, tf.constant([i, 1], tf.int64), "flip").numpy()
         assert np.array_equal(out, image.numpy()) or np.array_equal(out, image.numpy()[:, ::-1])
 
 
@@ -62,8 +63,8 @@ def _first_epoch_images(ds, steps):
 
 def test_train_pipeline_augments_differently_each_epoch():
     splits = make_splits(num_train=8, validation_split=0)
-    preprocess = models.get_preprocessing("tiny", 32)
-    ds = input_pipeline.build_train_dataset(splits.train, preprocess, 8, 3, "flip_translate", seed=0)
+    preprocess = backbones.get_preprocessing("tiny", 32)
+    ds = pipeline.build_train_dataset(splits.train, preprocess, 8, 3, "flip_translate", seed=0)
     first, second = [x.numpy() for x, _ in ds.take(2)]
     # Same examples (one batch is the whole epoch), but augmented differently.
     assert not np.allclose(np.sort(first.reshape(8, -1).sum(1)), np.sort(second.reshape(8, -1).sum(1))) \
@@ -73,9 +74,9 @@ def test_train_pipeline_augments_differently_each_epoch():
 
 def test_train_and_eval_preprocessing_agree_without_augmentation():
     splits = make_splits(num_train=12, validation_split=0)
-    preprocess = models.get_preprocessing("vgg16", 48)
-    train = input_pipeline.build_train_dataset(splits.train, preprocess, 4, 3, "none", seed=0)
-    evaluation = input_pipeline.build_eval_dataset(splits.train, preprocess, 4, 3)
+    preprocess = backbones.get_preprocessing("vgg16", 48)
+    train = pipeline.build_train_dataset(splits.train, preprocess, 4, 3, "none", seed=0)
+    evaluation = pipeline.build_eval_dataset(splits.train, preprocess, 4, 3)
     train_images = _first_epoch_images(train, 3)
     eval_images = _first_epoch_images(evaluation, 3)
     assert train_images.shape == eval_images.shape == (12, 48, 48, 3)
@@ -87,8 +88,8 @@ def test_train_and_eval_preprocessing_agree_without_augmentation():
 def test_eval_pipeline_matches_backbone_preprocess_input():
     splits = make_splits(num_train=4, validation_split=0)
     images = _images(splits.train)
-    batch = next(iter(input_pipeline.build_eval_dataset(
-        splits.train, models.get_preprocessing("vgg16", 32), 4, 3)))[0].numpy()
+    batch = next(iter(pipeline.build_eval_dataset(
+        splits.train, backbones.get_preprocessing("vgg16", 32), 4, 3)))[0].numpy()
     import keras
     expected = keras.applications.vgg16.preprocess_input(images.astype("float32"))
     np.testing.assert_allclose(batch, expected, atol=1e-4)
@@ -96,21 +97,21 @@ def test_eval_pipeline_matches_backbone_preprocess_input():
 
 def test_labels_are_one_hot():
     splits = make_splits(num_train=4, validation_split=0)
-    _, labels = next(iter(input_pipeline.build_eval_dataset(
-        splits.train, models.get_preprocessing("tiny", 32), 4, 3)))
+    _, labels = next(iter(pipeline.build_eval_dataset(
+        splits.train, backbones.get_preprocessing("tiny", 32), 4, 3)))
     assert labels.shape == (4, 3)
     np.testing.assert_array_equal(labels.numpy().sum(1), np.ones(4))
 
 
 def test_steps_for_caps():
-    assert input_pipeline.steps_for(10, 4) == 3
-    assert input_pipeline.steps_for(10, 4, cap=1) == 1
-    assert input_pipeline.steps_for(1, 64) == 1
+    assert pipeline.steps_for(10, 4) == 3
+    assert pipeline.steps_for(10, 4, cap=1) == 1
+    assert pipeline.steps_for(1, 64) == 1
 
 
 def test_load_tfds_with_mock_data_falls_back_to_counting():
     with tfds.testing.mock_data(num_examples=20):
-        splits = input_pipeline.load_tfds("cifar10", None, "train", "test", 0.25, seed=0)
+        splits = tfds_dataset.load_tfds("cifar10", None, "train", "test", 0.25, seed=0)
     assert len(splits.class_names) == 10
     assert (splits.num_train, splits.num_validation, splits.num_test) == (15, 5, 20)
     image, label = next(iter(splits.train))
@@ -120,7 +121,7 @@ def test_load_tfds_with_mock_data_falls_back_to_counting():
 
 def test_load_tfds_unknown_dataset_is_a_user_error():
     with pytest.raises(UserError, match="Received: dataset=no_such_dataset_xyz"):
-        input_pipeline.load_tfds("no_such_dataset_xyz", None, "train", "test", 0.1, 0)
+        tfds_dataset.load_tfds("no_such_dataset_xyz", None, "train", "test", 0.1, 0)
 
 
 def test_failed_download_says_how_to_run_offline(monkeypatch, tmp_path):
@@ -129,6 +130,6 @@ def test_failed_download_says_how_to_run_offline(monkeypatch, tmp_path):
 
     monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", offline)
     with pytest.raises(UserError) as error:
-        input_pipeline.load_tfds("cifar10", str(tmp_path), "train", "test", 0.1, 0)
+        tfds_dataset.load_tfds("cifar10", str(tmp_path), "train", "test", 0.1, 0)
     message = str(error.value)
     assert "--data_dir" in message and "\n" not in message

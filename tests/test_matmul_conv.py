@@ -5,10 +5,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tl_keras import distribute
-from tl_keras import export
-from tl_keras import matmul_conv
-from tl_keras import models
+from tl_keras.model import backbones
+from tl_keras.model import classifier
+from tl_keras.model import matmul_conv
+from tl_keras.serving import export
+from tl_keras.training import distribute
+
+from helpers import cpu_only_host
 
 
 def _pair(size, channels=5, filters=7, kernel_size=3):
@@ -57,8 +60,8 @@ def test_only_small_stride1_same_convs_are_eligible():
 
 
 def test_vgg16_at_32px_converts_blocks_4_and_5_and_keeps_predictions():
-    plain = models.build_classifier("vgg16", 32, 3, "none", head_units=(8,))
-    fast = models.build_classifier("vgg16", 32, 3, "none", head_units=(8,), matmul_small_convs=True)
+    plain = classifier.build_classifier("vgg16", 32, 3, "none", head_units=(8,))
+    fast = classifier.build_classifier("vgg16", 32, 3, "none", head_units=(8,), matmul_small_convs=True)
     fast.set_weights(plain.get_weights())
     backbone = fast.get_layer("backbone")
     converted = {layer.name for layer in backbone.layers if matmul_conv.is_converted(layer)}
@@ -67,28 +70,29 @@ def test_vgg16_at_32px_converts_blocks_4_and_5_and_keeps_predictions():
     x = np.random.default_rng(0).normal(size=(4, 32, 32, 3)).astype("float32") * 50
     np.testing.assert_allclose(fast(x), plain(x), atol=1e-5)
     # Larger inputs leave every convolution to TF (block 5 runs on 14x14 at 224 px).
-    big = models.build_backbone("vgg16", 224, "none", matmul_small_convs=True)
+    big = backbones.build_backbone("vgg16", 224, "none", matmul_small_convs=True)
     assert not any(matmul_conv.is_converted(layer) for layer in big.layers)
 
 
 def test_checkpoints_and_exports_interchange(tmp_path):
     """Weights written by the matmul model load into a plain one, and its SavedModel serves the same."""
-    fast = models.build_classifier("vgg16", 32, 3, "none", head_units=(8,), matmul_small_convs=True)
+    fast = classifier.build_classifier("vgg16", 32, 3, "none", head_units=(8,), matmul_small_convs=True)
     path = str(tmp_path / "model.weights.h5")
     fast.save_weights(path)
-    plain = models.build_classifier("vgg16", 32, 3, "none", head_units=(8,))
+    plain = classifier.build_classifier("vgg16", 32, 3, "none", head_units=(8,))
     plain.load_weights(path)
     for a, b in zip(plain.weights, fast.weights):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
 
-    target = export.export_saved_model(fast, str(tmp_path / "export"), models.get_preprocessing("vgg16", 32),
+    target = export.export_saved_model(fast, str(tmp_path / "export"), backbones.get_preprocessing("vgg16", 32),
                                        ["a", "b", "c"])
     images = np.random.default_rng(2).integers(0, 256, size=(2, 40, 40, 3), dtype=np.uint8)
     served = tf.saved_model.load(target).signatures["serving_default"](images=tf.constant(images))
-    expected = plain.predict(models.get_preprocessing("vgg16", 32)(images), verbose=0)
+    expected = plain.predict(backbones.get_preprocessing("vgg16", 32)(images), verbose=0)
     np.testing.assert_allclose(served["probabilities"].numpy(), expected, atol=1e-5)
 
 
+@cpu_only_host
 def test_training_on_cpu_uses_matmuls(mirrored_strategy):
     assert distribute.computes_on_cpu(mirrored_strategy)
     assert distribute.computes_on_cpu(tf.distribute.get_strategy())

@@ -1,9 +1,14 @@
 """Real CIFAR-10 and a real pretrained VGG16 (../shared): the model must actually learn."""
 
-from tl_keras import config as config_lib
-from tl_keras import train
+import pytest
 
-from conftest import SHARED_DATA, SHARED_WEIGHTS, requires_shared
+from tl_keras import config as config_lib
+from tl_keras.training import run as train
+
+from helpers import SHARED_DATA, SHARED_WEIGHTS, requires_shared
+
+# Minutes of real VGG16 training: the slow tier.
+pytestmark = pytest.mark.slow
 
 
 @requires_shared()

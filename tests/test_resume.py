@@ -11,7 +11,10 @@ import time
 import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
-from test_cli import REPO, run_cli
+from helpers import REPO, run_cli
+
+# Real subprocesses of the command line: the slow tier.
+pytestmark = pytest.mark.slow
 
 HEAD_EPOCHS, FINETUNE_EPOCHS = 2, 2
 
@@ -35,7 +38,7 @@ def _state(model_dir):
 
 def _export_in_progress(model_dir):
     root = os.path.join(model_dir, "export")
-    return os.path.isdir(root) and any(name.startswith(".tmp-") for name in os.listdir(root))
+    return os.path.isdir(root) and any(name.endswith(".tmp") for name in os.listdir(root))
 
 
 KILL_POINTS = {

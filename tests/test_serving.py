@@ -13,12 +13,13 @@ import pytest
 import tensorflow as tf
 
 from tl_keras import config as config_lib
-from tl_keras import models
-from tl_keras import predict
-from tl_keras import train
 from tl_keras.errors import UserError
+from tl_keras.model import backbones
+from tl_keras.model import classifier
+from tl_keras.serving import predict
+from tl_keras.training import run as train
 
-from conftest import CLASS_NAMES, make_examples, make_splits
+from helpers import CLASS_NAMES, make_examples, make_splits
 
 
 def _config(model_dir, **overrides):
@@ -37,7 +38,7 @@ def trained(tmp_path_factory):
     rebuilt from the checkpoint."""
     config = _config(tmp_path_factory.mktemp("serving") / "run")
     export_path = train.run(config, splits=make_splits())["export_path"]
-    model = models.build_classifier("tiny", 32, len(CLASS_NAMES), "none", head_units=(8,))
+    model = classifier.build_classifier("tiny", 32, len(CLASS_NAMES), "none", head_units=(8,))
     model.load_weights(os.path.join(config.model_dir, "checkpoints", "latest.weights.h5"))
     return config, export_path, model
 
@@ -48,7 +49,7 @@ def signatures(trained):
 
 
 def _keras_probabilities(model, images):
-    return model.predict(models.get_preprocessing("tiny", 32)(images), verbose=0)
+    return model.predict(backbones.get_preprocessing("tiny", 32)(images), verbose=0)
 
 
 def test_export_layout_and_labels(trained):
@@ -170,7 +171,7 @@ def test_predict_reports_corrupt_files_and_classifies_the_rest(trained, signatur
     config, export_path, _ = trained
     good = _image_folder(tmp_path / "images")
     # Predicting needs only the SavedModel: building the model would fail here.
-    monkeypatch.setattr(models, "build_classifier", None)
+    monkeypatch.setattr(classifier, "build_classifier", None)
     output_json = tmp_path / "out" / "predictions.json"
     result = train.run(dataclasses.replace(config, mode="predict", images=str(tmp_path / "images" / "*"),
                                            output_json=str(output_json), top_k=2, batch_size=3))

@@ -19,16 +19,20 @@ import tensorflow as tf
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.plugins.hparams import metadata as hparams_metadata
 
-from tl_keras import backbones
 from tl_keras import config as config_lib
 from tl_keras import flags as tl_flags
-from tl_keras import models
-from tl_keras import report
-from tl_keras import summaries
-from tl_keras import train
+from tl_keras.data import pipeline
 from tl_keras.errors import UserError
+from tl_keras.model import backbones
+from tl_keras.model import classifier
+from tl_keras.model import registry
+from tl_keras.reporting import evaluation
+from tl_keras.reporting import images
+from tl_keras.reporting import summaries
+from tl_keras.training import phases
+from tl_keras.training import run as train
 
-from conftest import CLASS_NAMES, make_splits
+from helpers import CLASS_NAMES, make_splits
 
 STEPS_PER_EPOCH = 3
 LOG_EVERY = 2
@@ -107,7 +111,7 @@ def test_tags_and_steps_continue_across_phases(run):
 def test_learning_rate_drops_in_phase_two_as_configured(run):
     config, _, logs = run
     scalars = _read(os.path.join(logs, "train"))
-    schedule = train.finetune_schedule(config, STEPS_PER_EPOCH)
+    schedule = phases.finetune_schedule(config, STEPS_PER_EPOCH)
     phase_one_steps = config.head_epochs * STEPS_PER_EPOCH
     for step, value in scalars["batch_learning_rate"]:
         if step <= phase_one_steps:
@@ -149,7 +153,7 @@ def test_images(run):
     (step, grid), = _read(os.path.join(logs, "train"))["augmented_inputs"]
     # 16 examples of 32 px shown at 96 px in a 4 x 4 grid, each with one caption line.
     tile = 32 * 3
-    assert step == 0 and grid.shape == (4 * (tile + summaries.LINE_HEIGHT + 4) + 4, 4 * (tile + 4) + 4, 3)
+    assert step == 0 and grid.shape == (4 * (tile + images.LINE_HEIGHT + 4) + 4, 4 * (tile + 4) + 4, 3)
     assert grid.std() > 10  # Real pictures, not a blank or saturated canvas.
     test = _read(os.path.join(logs, "test"))
     for step, image in test["confusion_matrix"]:
@@ -198,6 +202,7 @@ def test_text_hparams_and_profile(run):
     assert len(traces) == 1 and os.path.getsize(traces[0]) > 0
 
 
+@pytest.mark.slow
 def test_tensorboard_server_serves_the_scalars(run, tmp_path):
     """The real `tensorboard` on a free localhost port, read through its HTTP data API."""
     _, metrics, logs = run
@@ -238,17 +243,27 @@ def test_tensorboard_server_serves_the_scalars(run, tmp_path):
         server.wait(timeout=30)
 
 
+def _plain_model(learning_rate=1e-3):
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, activation="softmax", name="d")])
+    model.compile(optimizer=keras.optimizers.SGD(learning_rate), loss="categorical_crossentropy",
+                  metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")])
+    return model
+
+
 def _fit_with_summaries(tmp_path, make_config, dataset, steps=8):
-    """batch_input_wait over the last half of `steps` steps of a plain model (after its tracing)."""
+    """The train/ scalars of one fit() of `steps` steps of a plain model, a point every steps / 2."""
     config = make_config(model_dir=str(tmp_path / "fit"), log_every_steps=steps // 2, steps_per_epoch=steps)
     board = summaries.RunSummaries(config, make_splits(), steps)
-    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, activation="softmax", name="d")])
-    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="categorical_crossentropy",
-                  metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")])
+    model = _plain_model()
     model.fit(dataset, epochs=1, steps_per_epoch=steps, verbose=0,
               callbacks=[board.phase_callback(1, model, 0, 1e-3)])
     board.close()
-    return dict(_read(str(tmp_path / "fit" / "logs" / "train"))["batch_input_wait"])[steps]
+    return _read(str(tmp_path / "fit" / "logs" / "train"))
+
+
+def _input_wait(tmp_path, make_config, dataset, steps=8):
+    """batch_input_wait over the last half of `steps` steps (after the step function's tracing)."""
+    return dict(_fit_with_summaries(tmp_path, make_config, dataset, steps)["batch_input_wait"])[steps]
 
 
 def test_input_wait_shows_a_starving_pipeline(tmp_path, make_config):
@@ -260,31 +275,121 @@ def test_input_wait_shows_a_starving_pipeline(tmp_path, make_config):
         return tf.ensure_shape(delayed, x.shape), y
 
     starving = tf.data.Dataset.from_tensors(batch).repeat().map(slow).prefetch(1)
-    assert _fit_with_summaries(tmp_path / "slow", make_config, starving) > 0.8
-    assert _fit_with_summaries(tmp_path / "fast", make_config, ready) < 0.5
+    assert _input_wait(tmp_path / "slow", make_config, starving) > 0.8
+    assert _input_wait(tmp_path / "fast", make_config, ready) < 0.5
 
 
-@pytest.mark.parametrize("backbone", sorted(backbones.BACKBONES))
+def test_another_keras_trains_untimed(tmp_path, make_config, monkeypatch, caplog):
+    """The timed train_function is only installed on the Keras it was written for; elsewhere
+    training runs as Keras wrote it and no input wait is claimed."""
+    monkeypatch.setattr(keras, "__version__", "3.99.0")
+    batch = (tf.zeros([4, 4]), tf.one_hot([0, 1, 2, 0], 3))
+    dataset = tf.data.Dataset.from_tensors(batch).repeat()
+    with caplog.at_level("WARNING"):
+        scalars = _fit_with_summaries(tmp_path, make_config, dataset)
+    assert "batch_loss" in scalars and "epoch_throughput" in scalars
+    assert not {"batch_input_wait", "epoch_input_wait"} & set(scalars)
+    assert sum("input-wait timing was written for Keras 3.15" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_a_resumed_partial_epoch_carries_its_last_steps_into_the_next_point(tmp_path, make_config):
+    """A resumed phase fits the rest of a partial epoch, then the remaining epochs, each fit() with
+    its own callback; the steps after the partial epoch's last point still count towards the next."""
+    steps, log_every = 4, 3
+    rng = np.random.default_rng(0)
+    batches = [(rng.normal(size=(4, 4)).astype(np.float32),  # batches[k] is global step k + 1.
+                np.eye(3, dtype=np.float32)[rng.integers(0, 3, 4)]) for _ in range(2 * steps)]
+    model = _plain_model(learning_rate=0.0)  # Fixed weights: each step's loss depends only on its batch.
+    config = make_config(model_dir=str(tmp_path / "run"), log_every_steps=log_every, steps_per_epoch=steps)
+    board = summaries.RunSummaries(config, make_splits(), steps)
+
+    def data(first, last):
+        return tf.data.Dataset.from_generator(lambda: iter(batches[first - 1:last]), output_signature=(
+            tf.TensorSpec((4, 4), tf.float32), tf.TensorSpec((4, 3), tf.float32)))
+
+    # Resumed after step 1 of epoch 0: steps 2-4, then epoch 1 (steps 5-8).
+    model.fit(data(2, 4), initial_epoch=0, epochs=1, steps_per_epoch=steps - 1, verbose=0,
+              callbacks=[board.phase_callback(1, model, 0, 0.0, step_offset=1)])
+    model.fit(data(5, 8), initial_epoch=1, epochs=2, steps_per_epoch=steps, verbose=0,
+              callbacks=[board.phase_callback(1, model, 0, 0.0)])
+    board.close()
+    scalars = _read(str(tmp_path / "run" / "logs" / "train"))
+    losses = [float(keras.losses.categorical_crossentropy(y, model(x)).numpy().mean()) for x, y in batches]
+    assert _steps(scalars["batch_loss"]) == [3, 6]
+    # Step 3: steps 2-3 of the first fit(). Step 6: step 4, carried over, and steps 5-6.
+    expected = [np.mean(losses[1:3]), np.mean(losses[3:6])]
+    assert _values(scalars["batch_loss"]) == pytest.approx(expected, rel=1e-5)
+    assert _steps(scalars["epoch_loss"]) == [0, 1]
+    assert _steps(_read(str(tmp_path / "run" / "logs"))["model_summary"]) == [0]  # Once per phase.
+
+
+def test_tensorboard_and_eval_show_the_same_mistakes(tmp_path, make_config):
+    """One definition of the worst mistakes and one renderer: TensorBoard's misclassified image is
+    eval/misclassified.png, pixel for pixel, and report.json lists the same examples."""
+    splits = make_splits(num_test=12)
+    keras.utils.set_random_seed(0)
+    model = classifier.build_classifier("tiny", 32, 3, "none", head_units=(8,))  # Untrained: mistakes.
+    preprocess = backbones.get_preprocessing("tiny", 32)
+    batches = pipeline.build_eval_dataset(splits.test, preprocess, 4, 3, cache=False)
+    result = evaluation.evaluate(model, batches)
+    assert len(result.mistakes) > 1
+    config = make_config(model_dir=str(tmp_path / "run"))
+    board = summaries.RunSummaries(config, splits, 1)
+    shown = board.write_phase_end(1, 0, result, evaluation.prefixed(result.metrics, "test"))
+    board.close()
+    report = evaluation.write_report(result, splits.test, CLASS_NAMES, str(tmp_path / "eval"), "test")
+    np.testing.assert_array_equal(shown, [w["index"] for w in report["worst_misclassified"]])
+    np.testing.assert_array_equal(shown, result.mistakes[:summaries.GRID_EXAMPLES])
+    test = _read(str(tmp_path / "run" / "logs" / "test"))
+    (_, board_image), = test["misclassified"]
+    with open(tmp_path / "eval" / evaluation.MISCLASSIFIED_PNG, "rb") as f:
+        np.testing.assert_array_equal(board_image, np.asarray(Image.open(f)))
+    assert dict(test["epoch_accuracy"])[0] == pytest.approx(result.metrics["accuracy"])
+
+
+def _events(log_dir):
+    """[(tag, step)] of every summary in the event files under `log_dir`, in file order."""
+    out = []
+    for path in sorted(glob.glob(os.path.join(log_dir, "**", "events.out.tfevents.*"), recursive=True)):
+        for record in tf.data.TFRecordDataset(path).as_numpy_iterator():
+            event = tf.compat.v1.Event.FromString(record)
+            out += [(value.tag, event.step) for value in event.summary.value]
+    return out
+
+
+def test_trim_logs_drops_what_a_resumed_run_writes_again(tmp_path):
+    log_dir = str(tmp_path / "logs")
+    writer = tf.summary.create_file_writer(os.path.join(log_dir, "train"))
+    with writer.as_default():
+        tf.summary.text("flags", "the run's flags", step=0)
+        for step in range(1, 7):
+            tf.summary.scalar("batch_loss", 1.0 / step, step=step)
+        for epoch in range(3):
+            tf.summary.scalar("epoch_loss", 1.0 / (epoch + 1), step=epoch)
+    writer.close()
+    untouched = tf.summary.create_file_writer(os.path.join(log_dir, "validation"))
+    with untouched.as_default():
+        tf.summary.scalar("epoch_loss", 0.5, step=0)
+    untouched.close()
+    (validation_file,) = glob.glob(os.path.join(log_dir, "validation", "events.out.tfevents.*"))
+    before = os.stat(validation_file).st_mtime_ns
+
+    summaries.trim_logs(log_dir, epoch=1, global_step=3)  # Resuming epoch 1 after global step 3.
+    kept = _events(os.path.join(log_dir, "train"))
+    assert [step for tag, step in kept if tag == "batch_loss"] == [1, 2, 3]
+    assert [step for tag, step in kept if tag == "epoch_loss"] == [0]
+    assert ("flags", 0) in kept  # Written at run start, never again.
+    assert os.stat(validation_file).st_mtime_ns == before  # Nothing to drop: not rewritten.
+    assert not glob.glob(os.path.join(log_dir, "**", "*.tmp"), recursive=True)
+    scalars = _read(os.path.join(log_dir, "train"))  # Still a valid event file for TensorBoard.
+    assert _values(scalars["batch_loss"]) == pytest.approx([1.0, 0.5, 1 / 3])
+
+
+@pytest.mark.parametrize("backbone", sorted(registry.BACKBONES))
 def test_inverse_preprocessing_restores_the_image(backbone):
     images = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3)).astype(np.uint8)
-    preprocessed = models.get_preprocessing(backbone, 8)(images).numpy()
-    np.testing.assert_array_equal(models.get_inverse_preprocessing(backbone)(preprocessed), images)
-
-
-def test_confusion_matrix_and_its_image():
-    matrix = report.confusion_matrix([0, 0, 1, 2, 2, 2], [0, 1, 1, 2, 2, 0], 3)
-    np.testing.assert_array_equal(matrix, [[1, 1, 0], [0, 1, 0], [1, 0, 2]])
-    image = summaries.confusion_matrix_image(np.diag([5, 0, 5]), CLASS_NAMES)
-    cell = summaries.confusion_cell_size(3)
-    corner = (summaries.CM_HEADER + 2, summaries.CM_LABEL_WIDTH + 2)  # Inside cell (0, 0).
-
-    def pixel(i, j):
-        return image[corner[0] + i * cell, corner[1] + j * cell].astype(int)
-
-    assert pixel(0, 0).sum() < pixel(0, 1).sum()  # A full row share is darker than an empty one.
-    np.testing.assert_array_equal(pixel(1, 1), [255, 255, 255])  # An empty row stays white.
-    many = summaries.confusion_matrix_image(np.zeros((100, 100), int), [str(i) for i in range(100)])
-    assert many.shape[0] == summaries.CM_HEADER + 100 * summaries.CM_MIN_CELL + summaries.PAD
+    preprocessed = backbones.get_preprocessing(backbone, 8)(images).numpy()
+    np.testing.assert_array_equal(backbones.get_inverse_preprocessing(backbone)(preprocessed), images)
 
 
 def _parse(argv):

@@ -8,9 +8,9 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from tl_keras import input_pipeline
-from tl_keras import train
+from tl_keras.data import tfds_dataset
 from tl_keras.errors import UserError
+from tl_keras.training import run as train
 
 
 def _store(data_dir, name, features, splits):
@@ -56,7 +56,7 @@ def tfds_dir(tmp_path_factory):
 
 def _load(tfds_dir, name, train_split="train", test_split="test", validation_split=0.2,
           test_split_fraction=0.0):
-    return input_pipeline.load_tfds(name, tfds_dir, train_split, test_split, validation_split, 0,
+    return tfds_dataset.load_tfds(name, tfds_dir, train_split, test_split, validation_split, 0,
                                     test_split_fraction)
 
 

@@ -6,13 +6,16 @@ import os
 import numpy as np
 import pytest
 import tensorflow as tf
+import tensorflow_datasets as tfds
 from tensorboard.backend.event_processing import event_accumulator
 
-from tl_keras import models
-from tl_keras import train
 from tl_keras.errors import UserError
+from tl_keras.model import backbones
+from tl_keras.model import classifier
+from tl_keras.training import phases
+from tl_keras.training import run as train
 
-from conftest import make_examples, make_splits
+from helpers import make_examples, make_splits
 
 
 def _weights(layer):
@@ -28,7 +31,7 @@ class PhaseRecorder:
 
     def __init__(self, monkeypatch):
         self.snapshots = {}
-        real_head, real_tune = train.train_head, train.fine_tune
+        real_head, real_tune = phases.train_head, phases.fine_tune
 
         def head(model, *args, **kwargs):
             self.snapshots["before_head"] = self._snap(model)
@@ -41,8 +44,8 @@ class PhaseRecorder:
             self.snapshots["after_finetune"] = self._snap(model)
             return result
 
-        monkeypatch.setattr(train, "train_head", head)
-        monkeypatch.setattr(train, "fine_tune", tune)
+        monkeypatch.setattr(phases, "train_head", head)
+        monkeypatch.setattr(phases, "fine_tune", tune)
 
     @staticmethod
     def _snap(model):
@@ -52,6 +55,23 @@ class PhaseRecorder:
             "layers": {layer.name: _weights(layer) for layer in backbone.layers if layer.weights},
             "head": _weights(model.get_layer("predictions")),
         }
+
+
+def test_train_and_export_on_tfds_mock_data(make_config):
+    """The whole train mode in process, the way flax's train_test.py runs one short
+    train_and_evaluate: TFDS's own loader on mock CIFAR-10, both phases, evaluation and the export."""
+    config = make_config(dataset="cifar10", validation_split=0.25)
+    with tfds.testing.mock_data(num_examples=16):
+        metrics = train.run(config)
+    for phase in ("head", "finetune"):
+        assert 0.0 <= metrics[phase]["test_accuracy"] <= 1.0
+        assert np.isfinite(metrics[phase]["test_loss"])
+    served = tf.saved_model.load(metrics["export_path"]).signatures["serving_default"](
+        images=tf.zeros([2, 40, 24, 3], tf.uint8))
+    assert served["probabilities"].shape == (2, 10)
+    with open(os.path.join(config.model_dir, "labels.txt")) as f:
+        labels = f.read().split()
+    assert len(labels) == 10 and served["class_names"].numpy()[0].decode() in labels
 
 
 @pytest.mark.parametrize("cache_features", ["false", "true"])
@@ -126,10 +146,10 @@ def test_batch_must_divide_across_replicas(make_config, tiny_splits, mirrored_st
 def test_export_matches_keras_model(make_config, tiny_splits):
     config = make_config()
     export_path = train.run(config, splits=tiny_splits)["export_path"]
-    model = models.build_classifier("tiny", 32, 3, "none", head_units=(8,))
+    model = classifier.build_classifier("tiny", 32, 3, "none", head_units=(8,))
     model.load_weights(os.path.join(config.model_dir, "checkpoints", "latest.weights.h5"))
     images, _ = make_examples(5, seed=9, size=40)  # Another size: the signature resizes.
-    expected = model.predict(models.get_preprocessing("tiny", 32)(images), verbose=0)
+    expected = model.predict(backbones.get_preprocessing("tiny", 32)(images), verbose=0)
     served = tf.saved_model.load(export_path).signatures["serving_default"](images=tf.constant(images))
     assert np.max(np.abs(served["probabilities"].numpy() - expected)) <= 1e-5
     np.testing.assert_array_equal(served["classes"].numpy(), expected.argmax(1))
@@ -168,25 +188,3 @@ def test_model_dir_that_cannot_be_created_is_a_user_error(make_config, tiny_spli
     with pytest.raises(UserError, match="model_dir"):
         train.run(make_config(model_dir=str(blocker / "run")), splits=tiny_splits)
     assert blocker.read_text() == "keep me"
-
-
-@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
-def test_phase_end_metrics_match_keras_evaluate(label_smoothing):
-    """Phase-end metrics come from the one prediction pass the summaries need; they must equal what
-    model.evaluate reports with the compiled loss and metrics."""
-    from tl_keras import config as config_lib
-    from tl_keras import report
-
-    config = config_lib.Config(model_dir="unused", backbone="tiny", weights="none", label_smoothing=label_smoothing)
-    model = models.build_classifier("tiny", 32, 7, "none", head_units=(8,))
-    train._compile(model, 1e-3, config, 7)
-    images, labels = make_examples(40, seed=3, num_classes=7)
-    batches = tf.data.Dataset.from_tensor_slices(
-        (models.get_preprocessing("tiny", 32)(images), tf.one_hot(labels, 7))).batch(16)
-    probabilities, seen = report.collect_predictions(model, batches)
-    np.testing.assert_array_equal(seen, labels)
-    ours = train.metrics_from_predictions(probabilities, seen, label_smoothing)
-    keras_metrics = train.evaluate(model, batches)
-    for name, value in keras_metrics.items():
-        assert ours[name] == pytest.approx(value, abs=1e-5), name
-    assert ours["test_top5_accuracy"] > ours["test_accuracy"]  # 7 classes: top-5 is a different check.

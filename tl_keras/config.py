@@ -1,81 +1,128 @@
-"""The run's settings as one frozen, validated value that library code receives instead of FLAGS."""
+"""The run's settings as one frozen, validated value that library code receives instead of FLAGS.
+
+Each field declares its group (what it is for: the help lists flags by group) and its lifetime (when it
+may change: the resume check, the evaluate/export check and the HParams read lifetimes, not name lists).
+"""
 
 import dataclasses
-import os
 
-from tl_keras import backbones
 from tl_keras.errors import UserError
+from tl_keras.model import registry
 
 MODES = ("train", "evaluate", "export", "predict")
 STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker", "tpu")
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 CACHE_FEATURES = ("auto", "true", "false")
 CHECKPOINTS = ("latest", "best")
-# Settings a resumed run may change: where things are and how the run is driven, not what it trains.
-RESUME_MAY_CHANGE = frozenset({
-    "model_dir", "data_dir", "mode", "checkpoint", "overwrite", "save_every_steps",
-    "distribution_strategy", "log_every_steps", "profile_steps", "eval_steps", "num_gpus", "tpu",
-    "jit_compile", "steps_per_execution",
-})
-# Settings that define the model's architecture; evaluate, export and predict need them unchanged.
-ARCHITECTURE = frozenset({"backbone", "image_size", "head_units", "head_batchnorm", "dataset"})
 AUGMENTATIONS = ("none", "flip", "flip_translate")
 CLASS_WEIGHTS = ("none", "balanced")
 FOLDER_PREFIX = "folder:"
+
+# Lifetimes: when a setting may change, so that "may this change on resume?" is answered by declaration.
+# Defines the model; fixed on resume, and evaluate/export/predict need it unchanged.
+ARCHITECTURE = "architecture"
+# What the run trains; fixed once training started. A TensorBoard HParam.
+EXPERIMENT = "experiment"
+# How the run is driven (devices, checkpoints, logging); may change on resume. A TensorBoard HParam.
+RUNTIME = "runtime"
+# Where the run lives and which mode runs; may change on resume. Not an HParam: it names no experiment.
+LOCATION = "location"
+LIFETIMES = (ARCHITECTURE, EXPERIMENT, RUNTIME, LOCATION)
+
+# Groups: what a setting is for. The help lists flags by group, in this order.
+RUN = "run"
+DATA = "data"
+MODEL = "model"
+SCHEDULE = "schedule"
+DEVICES = "devices"
+SERVING = "serving"
+TENSORBOARD = "tensorboard"
+GROUPS = (
+    (RUN, "The run: where it lives and what it does"),
+    (DATA, "Data: where examples come from and how they become batches"),
+    (MODEL, "Model: backbone and classifier head"),
+    (SCHEDULE, "Schedule: phase 1 trains the head on a frozen backbone, phase 2 fine-tunes its top"),
+    (DEVICES, "Devices: distribution, precision and speed"),
+    (SERVING, "Serving: the export, the accuracy gate and --mode=predict"),
+    (TENSORBOARD, "TensorBoard: scalars and profiling"),
+)
+_GROUP_IDS = tuple(group for group, _ in GROUPS)
+
+
+def setting(default=dataclasses.MISSING, *, group: str, lifetime: str):
+    """A Config field that declares what it is for and when it may change."""
+    if group not in _GROUP_IDS:
+        raise ValueError(f"group must be one of {', '.join(_GROUP_IDS)}. Received: group={group}")
+    if lifetime not in LIFETIMES:
+        raise ValueError(f"lifetime must be one of {', '.join(LIFETIMES)}. Received: lifetime={lifetime}")
+    return dataclasses.field(default=default, metadata={"group": group, "lifetime": lifetime})
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
     """Field names equal flag names, so flags.txt round-trips through --flagfile."""
 
-    model_dir: str
-    dataset: str = "cifar10"
-    data_dir: str | None = None
-    train_split: str = "train"
-    test_split: str = "test"
-    validation_split: float = 0.1
-    test_split_fraction: float = 0.0
-    strict: bool = False
-    class_weight: str = "none"
-    image_size: int = 32
-    batch_size: int = 64
-    backbone: str = "vgg16"
-    weights: str = "imagenet"
-    head_units: tuple[int, ...] = (256,)
-    head_batchnorm: bool = True
-    dropout: float = 0.3
-    head_epochs: int = 3
-    head_learning_rate: float = 1e-3
-    finetune_epochs: int = 3
-    finetune_learning_rate: float = 1e-4
-    finetune_warmup_epochs: float = 0.2
-    fine_tune_at: str = "block4_conv1"
-    label_smoothing: float = 0.0
-    augment: str = "flip_translate"
-    cache_features: str = "auto"
-    seed: int = 42
-    distribution_strategy: str = "auto"
-    steps_per_epoch: int | None = None
-    eval_steps: int | None = None
-    mode: str = "train"
-    checkpoint: str = "latest"
-    overwrite: bool = False
-    save_every_steps: int | None = None
-    deterministic: bool = False
-    num_gpus: int | None = None
-    tpu: str | None = None
-    mixed_precision: str = "auto"
-    jit_compile: bool = False
-    steps_per_execution: int = 1
-    scale_lr_with_batch: bool = False
-    export_tflite: bool = False
-    min_accuracy: float | None = None
-    images: str | None = None
-    export_dir: str | None = None
-    output_json: str | None = None
-    top_k: int = 5
-    log_every_steps: int = 100
-    profile_steps: tuple[int, ...] = ()
+    # The run.
+    model_dir: str = setting(group=RUN, lifetime=LOCATION)
+    mode: str = setting("train", group=RUN, lifetime=LOCATION)
+    checkpoint: str = setting("latest", group=RUN, lifetime=RUNTIME)
+    overwrite: bool = setting(False, group=RUN, lifetime=RUNTIME)
+    save_every_steps: int | None = setting(None, group=RUN, lifetime=RUNTIME)
+    deterministic: bool = setting(False, group=RUN, lifetime=EXPERIMENT)
+
+    # Data.
+    dataset: str = setting("cifar10", group=DATA, lifetime=ARCHITECTURE)
+    data_dir: str | None = setting(None, group=DATA, lifetime=LOCATION)
+    train_split: str = setting("train", group=DATA, lifetime=EXPERIMENT)
+    test_split: str = setting("test", group=DATA, lifetime=EXPERIMENT)
+    validation_split: float = setting(0.1, group=DATA, lifetime=EXPERIMENT)
+    test_split_fraction: float = setting(0.0, group=DATA, lifetime=EXPERIMENT)
+    strict: bool = setting(False, group=DATA, lifetime=EXPERIMENT)
+    class_weight: str = setting("none", group=DATA, lifetime=EXPERIMENT)
+    image_size: int = setting(32, group=DATA, lifetime=ARCHITECTURE)
+    batch_size: int = setting(64, group=DATA, lifetime=EXPERIMENT)
+    augment: str = setting("flip_translate", group=DATA, lifetime=EXPERIMENT)
+    seed: int = setting(42, group=DATA, lifetime=EXPERIMENT)
+
+    # Model.
+    backbone: str = setting("vgg16", group=MODEL, lifetime=ARCHITECTURE)
+    weights: str = setting("imagenet", group=MODEL, lifetime=EXPERIMENT)
+    head_units: tuple[int, ...] = setting((256,), group=MODEL, lifetime=ARCHITECTURE)
+    head_batchnorm: bool = setting(True, group=MODEL, lifetime=ARCHITECTURE)
+    dropout: float = setting(0.3, group=MODEL, lifetime=EXPERIMENT)
+
+    # Schedule.
+    head_epochs: int = setting(3, group=SCHEDULE, lifetime=EXPERIMENT)
+    head_learning_rate: float = setting(1e-3, group=SCHEDULE, lifetime=EXPERIMENT)
+    cache_features: str = setting("auto", group=SCHEDULE, lifetime=EXPERIMENT)
+    finetune_epochs: int = setting(3, group=SCHEDULE, lifetime=EXPERIMENT)
+    finetune_learning_rate: float = setting(1e-4, group=SCHEDULE, lifetime=EXPERIMENT)
+    finetune_warmup_epochs: float = setting(0.2, group=SCHEDULE, lifetime=EXPERIMENT)
+    fine_tune_at: str = setting("block4_conv1", group=SCHEDULE, lifetime=EXPERIMENT)
+    label_smoothing: float = setting(0.0, group=SCHEDULE, lifetime=EXPERIMENT)
+    scale_lr_with_batch: bool = setting(False, group=SCHEDULE, lifetime=EXPERIMENT)
+    steps_per_epoch: int | None = setting(None, group=SCHEDULE, lifetime=EXPERIMENT)
+    eval_steps: int | None = setting(None, group=SCHEDULE, lifetime=RUNTIME)
+
+    # Devices.
+    distribution_strategy: str = setting("auto", group=DEVICES, lifetime=RUNTIME)
+    num_gpus: int | None = setting(None, group=DEVICES, lifetime=RUNTIME)
+    tpu: str | None = setting(None, group=DEVICES, lifetime=RUNTIME)
+    mixed_precision: str = setting("auto", group=DEVICES, lifetime=EXPERIMENT)
+    jit_compile: bool = setting(False, group=DEVICES, lifetime=RUNTIME)
+    steps_per_execution: int = setting(1, group=DEVICES, lifetime=RUNTIME)
+
+    # Serving.
+    export_tflite: bool = setting(False, group=SERVING, lifetime=EXPERIMENT)
+    min_accuracy: float | None = setting(None, group=SERVING, lifetime=EXPERIMENT)
+    images: str | None = setting(None, group=SERVING, lifetime=EXPERIMENT)
+    export_dir: str | None = setting(None, group=SERVING, lifetime=EXPERIMENT)
+    output_json: str | None = setting(None, group=SERVING, lifetime=EXPERIMENT)
+    top_k: int = setting(5, group=SERVING, lifetime=EXPERIMENT)
+
+    # TensorBoard.
+    log_every_steps: int = setting(100, group=TENSORBOARD, lifetime=RUNTIME)
+    profile_steps: tuple[int, ...] = setting((), group=TENSORBOARD, lifetime=RUNTIME)
 
     def __post_init__(self):
         self.validate()
@@ -86,11 +133,12 @@ class Config:
         return None if self.weights in ("imagenet", "none") else self.weights
 
     def validate(self):
-        """Raise UserError naming the first bad setting, in Keras's 'Received:' style."""
+        """Raise UserError naming the first bad setting, in Keras's 'Received:' style.
+
+        Only the values themselves: what exists on disk is the runner's to check, when it uses the paths.
+        """
         if not self.model_dir and not (self.mode == "predict" and self.export_dir):
             _fail("--model_dir is required (for --mode=predict, or --export_dir)", model_dir=self.model_dir)
-        if self.model_dir and os.path.exists(self.model_dir) and not os.path.isdir(self.model_dir):
-            _fail("--model_dir exists and is not a directory", model_dir=self.model_dir)
         if self.mode not in MODES:
             _fail(f"--mode must be one of {', '.join(MODES)}", mode=self.mode)
         if self.distribution_strategy not in STRATEGIES:
@@ -98,12 +146,12 @@ class Config:
                 f"--distribution_strategy must be one of {', '.join(STRATEGIES)}",
                 distribution_strategy=self.distribution_strategy,
             )
-        if self.backbone not in backbones.BACKBONES:
+        if self.backbone not in registry.BACKBONES:
             _fail(
-                f"--backbone must be one of {', '.join(sorted(backbones.BACKBONES))}",
+                f"--backbone must be one of {', '.join(sorted(registry.BACKBONES))}",
                 backbone=self.backbone,
             )
-        min_size = backbones.BACKBONES[self.backbone].min_image_size
+        min_size = registry.BACKBONES[self.backbone].min_image_size
         if self.image_size < min_size:
             _fail(
                 f"--image_size must be at least {min_size} for backbone {self.backbone}",
@@ -118,18 +166,13 @@ class Config:
         if self.validation_split + self.test_split_fraction >= 1.0:
             _fail("--validation_split plus --test_split_fraction must leave training data (sum below 1)",
                   test_split_fraction=self.test_split_fraction)
-        if self.dataset.startswith(FOLDER_PREFIX):
-            folder = os.path.expanduser(self.dataset[len(FOLDER_PREFIX):])
-            if not folder or not os.path.isdir(folder):
-                _fail("--dataset=folder:PATH needs PATH to be a directory with one subfolder per class",
-                      dataset=self.dataset)
+        if self.dataset == FOLDER_PREFIX:
+            _fail("--dataset=folder:PATH needs PATH to be a directory with one subfolder per class",
+                  dataset=self.dataset)
         if self.class_weight not in CLASS_WEIGHTS:
             _fail(f"--class_weight must be one of {', '.join(CLASS_WEIGHTS)}", class_weight=self.class_weight)
-        if self.weights_path is not None:
-            if not self.weights_path.endswith(".h5"):
-                _fail("--weights must be imagenet, none or a .h5 weights file", weights=self.weights)
-            if not os.path.isfile(self.weights_path):
-                _fail("--weights file does not exist", weights=self.weights)
+        if self.weights_path is not None and not self.weights_path.endswith(".h5"):
+            _fail("--weights must be imagenet, none or a .h5 weights file", weights=self.weights)
         if any(u < 1 for u in self.head_units):
             _fail("--head_units must all be positive", head_units=_csv(self.head_units))
         if not 0.0 <= self.dropout < 1.0:
@@ -194,6 +237,31 @@ class Config:
             else:
                 lines.append(f"--{field.name}={value}")
         return "\n".join(lines) + "\n"
+
+
+def names(*lifetimes: str) -> frozenset[str]:
+    """The settings with any of `lifetimes`: names(RUNTIME, LOCATION) is what a resumed run may change."""
+    for lifetime in lifetimes:
+        if lifetime not in LIFETIMES:
+            raise ValueError(f"lifetime must be one of {', '.join(LIFETIMES)}. Received: lifetime={lifetime}")
+    return frozenset(f.name for f in dataclasses.fields(Config) if f.metadata["lifetime"] in lifetimes)
+
+
+def group_of(name: str) -> str:
+    """The group a setting belongs to, one of GROUPS' ids."""
+    return _field(name).metadata["group"]
+
+
+def lifetime_of(name: str) -> str:
+    """When a setting may change, one of LIFETIMES."""
+    return _field(name).metadata["lifetime"]
+
+
+def _field(name: str) -> dataclasses.Field:
+    try:
+        return Config.__dataclass_fields__[name]
+    except KeyError:
+        raise ValueError(f"name must be a Config field. Received: name={name}") from None
 
 
 def differences(saved: dict, config: Config, fields) -> list[str]:

@@ -1,17 +1,24 @@
-"""Every command-line flag, defined once.
+"""Every command-line flag of the trainer, defined once, and the parser and help that main uses.
 
 `python -m tl_keras.main` imports main as `__main__`, so the flags live here and not in main.py:
 anything else that imported tl_keras.main would otherwise define them twice.
 """
 
+import sys
+import textwrap
+
 from absl import flags
 
-from tl_keras import backbones
 from tl_keras import config as config_lib
+from tl_keras.model import registry
 
 FLAGS = flags.FLAGS
 _DEFAULTS = config_lib.Config(model_dir="unused")
+# absl.app defines --help, -? and --helpshort to print main's docstring; -h is ours. --helpfull stays absl's.
+HELP_ARGS = ("--help", "-help", "-h", "--helpshort", "-helpshort", "-?")
+_WIDTH = 100
 
+# The run.
 flags.DEFINE_string("model_dir", None, "Run directory: logs/, checkpoints/, metrics.json, export/.")
 flags.DEFINE_enum("mode", _DEFAULTS.mode, config_lib.MODES,
                   "train: both phases, evaluate and export. evaluate / export: reuse a trained model_dir "
@@ -41,13 +48,6 @@ flags.DEFINE_string("test_split", _DEFAULTS.test_split,
 flags.DEFINE_float("validation_split", _DEFAULTS.validation_split,
                    "Fraction of the train split held out (seeded) for per-epoch validation. 0 disables. "
                    "Data with its own validation split (TFDS 'validation', a folder's val/) uses that.")
-flags.DEFINE_integer("image_size", _DEFAULTS.image_size, "Side in pixels that images are resized to.")
-flags.DEFINE_integer("batch_size", _DEFAULTS.batch_size,
-                     "Global batch size, split across replicas; must divide by their number.")
-flags.DEFINE_enum("augment", _DEFAULTS.augment, config_lib.AUGMENTATIONS,
-                  "Training augmentation: none, random horizontal flips, or flips plus random "
-                  "translations of up to 1/8 of the side.")
-flags.DEFINE_integer("seed", _DEFAULTS.seed, "Seed for the validation hold-out, shuffling and augmentation.")
 flags.DEFINE_float("test_split_fraction", _DEFAULTS.test_split_fraction,
                    "Fraction held out (seeded; stratified for folders) as the test split when the data "
                    "has none: a folder without test/, or a TFDS dataset without a 'test' split. "
@@ -56,9 +56,16 @@ flags.DEFINE_boolean("strict", _DEFAULTS.strict,
                      "Fail on unreadable images in a folder dataset instead of skipping them with a warning.")
 flags.DEFINE_enum("class_weight", _DEFAULTS.class_weight, config_lib.CLASS_WEIGHTS,
                   "balanced: weight the training loss by n / (classes * n_class), for imbalanced data.")
+flags.DEFINE_integer("image_size", _DEFAULTS.image_size, "Side in pixels that images are resized to.")
+flags.DEFINE_integer("batch_size", _DEFAULTS.batch_size,
+                     "Global batch size, split across replicas; must divide by their number.")
+flags.DEFINE_enum("augment", _DEFAULTS.augment, config_lib.AUGMENTATIONS,
+                  "Training augmentation: none, random horizontal flips, or flips plus random "
+                  "translations of up to 1/8 of the side.")
+flags.DEFINE_integer("seed", _DEFAULTS.seed, "Seed for the validation hold-out, shuffling and augmentation.")
 
 # Model.
-flags.DEFINE_enum("backbone", _DEFAULTS.backbone, sorted(backbones.BACKBONES),
+flags.DEFINE_enum("backbone", _DEFAULTS.backbone, sorted(registry.BACKBONES),
                   "keras.applications backbone ('tiny' is for tests only).")
 flags.DEFINE_string("weights", _DEFAULTS.weights,
                     "Backbone weights: imagenet (downloads), none, or a path to a .h5 weights file.")
@@ -68,7 +75,7 @@ flags.DEFINE_boolean("head_batchnorm", _DEFAULTS.head_batchnorm,
                      "BatchNormalization after pooling: standardises backbone features for the head.")
 flags.DEFINE_float("dropout", _DEFAULTS.dropout, "Dropout rate before the final Dense layer.")
 
-# Phase 1: frozen backbone.
+# Schedule, phase 1: frozen backbone.
 flags.DEFINE_integer("head_epochs", _DEFAULTS.head_epochs, "Epochs training only the head.")
 flags.DEFINE_float("head_learning_rate", _DEFAULTS.head_learning_rate, "Adam learning rate for phase 1.")
 flags.DEFINE_enum("cache_features", _DEFAULTS.cache_features, config_lib.CACHE_FEATURES,
@@ -77,7 +84,7 @@ flags.DEFINE_enum("cache_features", _DEFAULTS.cache_features, config_lib.CACHE_F
                   "backbones such as VGG). Exact for --augment=none or flip (both orientations are "
                   "cached). auto: on unless --augment=flip_translate; true drops the translations.")
 
-# Phase 2: fine-tuning.
+# Schedule, phase 2: fine-tuning.
 flags.DEFINE_integer("finetune_epochs", _DEFAULTS.finetune_epochs,
                      "Epochs after unfreezing the top of the backbone. 0 skips phase 2.")
 flags.DEFINE_float("finetune_learning_rate", _DEFAULTS.finetune_learning_rate,
@@ -86,9 +93,15 @@ flags.DEFINE_float("finetune_warmup_epochs", _DEFAULTS.finetune_warmup_epochs,
                    "Linear warmup length of phase 2, in epochs.")
 flags.DEFINE_string("fine_tune_at", _DEFAULTS.fine_tune_at,
                     "First backbone layer to unfreeze (e.g. block5_conv1), or 'all'.")
-flags.DEFINE_float("label_smoothing", _DEFAULTS.label_smoothing, "Label smoothing of the loss.")
 
-# Running.
+# Schedule, both phases.
+flags.DEFINE_float("label_smoothing", _DEFAULTS.label_smoothing, "Label smoothing of the loss.")
+flags.DEFINE_boolean("scale_lr_with_batch", _DEFAULTS.scale_lr_with_batch,
+                     "Multiply both learning rates by the number of replicas (linear scaling rule).")
+flags.DEFINE_integer("steps_per_epoch", None, "Cap on train steps per epoch, for short runs.")
+flags.DEFINE_integer("eval_steps", None, "Cap on validation and test steps, for short runs.")
+
+# Devices.
 flags.DEFINE_enum("distribution_strategy", _DEFAULTS.distribution_strategy, config_lib.STRATEGIES,
                   "auto: mirrored with more than one GPU, else default.")
 flags.DEFINE_integer("num_gpus", None, "mirrored: use the first N GPUs (default: all).")
@@ -99,10 +112,6 @@ flags.DEFINE_enum("mixed_precision", _DEFAULTS.mixed_precision, config_lib.PRECI
 flags.DEFINE_boolean("jit_compile", _DEFAULTS.jit_compile, "Compile train steps with XLA.")
 flags.DEFINE_integer("steps_per_execution", _DEFAULTS.steps_per_execution,
                      "Train steps per tf.function call (fewer host round trips on fast accelerators).")
-flags.DEFINE_boolean("scale_lr_with_batch", _DEFAULTS.scale_lr_with_batch,
-                     "Multiply both learning rates by the number of replicas (linear scaling rule).")
-flags.DEFINE_integer("steps_per_epoch", None, "Cap on train steps per epoch, for short runs.")
-flags.DEFINE_integer("eval_steps", None, "Cap on validation and test steps, for short runs.")
 
 # Serving.
 flags.DEFINE_boolean("export_tflite", _DEFAULTS.export_tflite,
@@ -121,6 +130,64 @@ flags.DEFINE_integer("log_every_steps", _DEFAULTS.log_every_steps,
 flags.DEFINE_list("profile_steps", list(map(str, _DEFAULTS.profile_steps)),
                   "START,END: capture a profiler trace of global train steps START to END (from 1), "
                   "viewable in TensorBoard's Profile tab. Empty disables.")
+
+
+def parse(argv):
+    """absl.app's flags_parser: our help for --help, and absl's flag errors as one line, not a usage dump."""
+    args = argv[1:argv.index("--")] if "--" in argv else argv[1:]
+    if any(arg in HELP_ARGS for arg in args):
+        sys.stdout.write(help_text())
+        sys.exit(0)
+    try:
+        remaining = FLAGS(argv)
+    except flags.Error as e:
+        sys.exit(f"tl_keras: error: {e}")
+    if len(remaining) > 1:  # Everything is a flag: a stray word is a typo, not an input.
+        sys.exit(f"tl_keras: error: unexpected arguments: {' '.join(remaining[1:])}")
+    return remaining
+
+
+def help_text() -> str:
+    """Usage and the trainer's flags by config group; absl's own flags stay under --helpfull."""
+    lines = [
+        "usage: tl-keras --flagfile=FILE [--flag=value ...]",
+        "   or: python -m tl_keras.main --flagfile=FILE [--flag=value ...]",
+        "",
+        "Two-phase transfer learning for keras.applications backbones: train a head on a frozen backbone,",
+        "then fine-tune its top; evaluate, export and predict. Later flags override a flagfile's.",
+    ]
+    fields = config_lib.Config.__dataclass_fields__
+    for group, title in config_lib.GROUPS:
+        lines += ["", title]
+        lines += [_describe(FLAGS[name]) for name in fields if config_lib.group_of(name) == group]
+    # Flags of a program built on this parser (tools/bench.py): absl files __main__'s under argv[0].
+    own = sorted((f for f in FLAGS.get_key_flags_for_module(sys.argv[0]) if f.name not in fields),
+                 key=lambda f: f.name)
+    if own:
+        lines += ["", "Flags of this program"] + [_describe(flag) for flag in own]
+    lines += ["", "absl's own flags: --helpfull"]
+    return "\n".join(lines) + "\n"
+
+
+def _describe(flag) -> str:
+    """One flag as `--name=<choices> (default: value)` over its wrapped help."""
+    name = f"--[no]{flag.name}" if flag.boolean else f"--{flag.name}"
+    text = flag.help
+    choices = getattr(flag.parser, "enum_values", None)
+    if choices:
+        name += f"=<{'|'.join(choices)}>"
+        text = text.removeprefix(f"<{'|'.join(choices)}>: ")
+    if flag.default is not None:
+        name += f" (default: {_show_default(flag.default)})"
+    return f"  {name}\n" + textwrap.fill(text, _WIDTH, initial_indent=" " * 6, subsequent_indent=" " * 6)
+
+
+def _show_default(value) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list):
+        return ",".join(map(str, value)) or "''"
+    return str(value) if value != "" else "''"
 
 
 def get_config(flag_values=FLAGS) -> config_lib.Config:
@@ -155,12 +222,3 @@ def _parse_ints(name, values):
         raise config_lib.UserError(
             f"--{name} must be a comma-separated list of integers. Received: {name}={','.join(values)}"
         ) from None
-
-
-# Benchmark (python -m tl_keras.bench) only.
-flags.DEFINE_integer("bench_examples", 10_000, "Training examples the benchmark uses.")
-flags.DEFINE_string("bench_json", "bench.json", "Where the benchmark writes its JSON results.")
-flags.DEFINE_integer("bench_plain_epochs", 1,
-                     "Epochs of the plain recipe actually run; its phase-1 time is scaled to "
-                     "--head_epochs from their mean (it is the slow side).")
-flags.DEFINE_integer("bench_phase2_steps", 20, "Timed phase-2 train steps (after 3 warm-up steps).")

@@ -77,17 +77,15 @@ def export_saved_model(model: keras.Model, export_root: str, preprocess, class_n
     archive.track(model)
     archive.add_endpoint("serving_default", serve)
     archive.add_endpoint("serve_bytes", serve_bytes)
-    tmp = os.path.join(export_root, f".tmp-{os.path.basename(target)}")
-    tf.io.gfile.makedirs(export_root)
-    if tf.io.gfile.exists(tmp):
-        tf.io.gfile.rmtree(tmp)
-    archive.write_out(tmp, verbose=False)
+    os.makedirs(export_root, exist_ok=True)
     labels = "\n".join(class_names) + "\n"
-    os.makedirs(os.path.join(tmp, "assets"), exist_ok=True)
-    files.write_text(os.path.join(tmp, "assets", LABELS_FILE), labels)
-    if tflite:
-        files.write_bytes(os.path.join(tmp, TFLITE_FILE), convert_to_tflite(tmp))
-    os.replace(tmp, target)
+    # TF Serving loads only all-digit version directories, so the temporary one is never served.
+    with files.atomic_path(target) as tmp:
+        archive.write_out(tmp, verbose=False)
+        os.makedirs(os.path.join(tmp, "assets"), exist_ok=True)
+        files.write_text(os.path.join(tmp, "assets", LABELS_FILE), labels)
+        if tflite:
+            files.write_bytes(os.path.join(tmp, TFLITE_FILE), convert_to_tflite(tmp))
     files.write_text(os.path.join(export_root, LABELS_FILE), labels)
     logging.info("Exported SavedModel%s to %s", " and TFLite model" if tflite else "", target)
     return target

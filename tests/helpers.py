@@ -1,10 +1,67 @@
-"""Generated class-folder datasets for tests: every kind of file that real folders contain."""
+"""Helpers that tests import: generated data (arrays, TFDS-like splits, class folders with every kind
+of file that real folders contain), the CLI runner, and where the offline data lives.
+
+conftest.py holds the fixtures; test files import from here, never from each other.
+"""
 
 import io
 import os
+import subprocess
+import sys
 
 import numpy as np
 from PIL import Image
+import pytest
+import tensorflow as tf
+
+from tl_keras.data import pipeline
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.path.join(os.path.dirname(REPO), "shared")
+SHARED_DATA = os.path.join(SHARED, "data", "tensorflow_datasets")
+SHARED_WEIGHTS = os.path.join(SHARED, "weights", "vgg16_hed_notop.weights.h5")
+CLASS_NAMES = ["cat", "dog", "frog"]
+
+
+def make_examples(n: int, seed: int, size: int = 32, num_classes: int = 3):
+    """Images whose mean brightness depends on the class, so a few steps can learn something."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, num_classes, n)
+    base = (labels * (200 // max(1, num_classes - 1)))[:, None, None, None]
+    images = np.clip(base + rng.integers(0, 56, (n, size, size, 3)), 0, 255).astype(np.uint8)
+    return images, labels
+
+
+def make_splits(num_train=24, num_test=8, validation_split=0.25, seed=0, size=32):
+    images, labels = make_examples(num_train, seed, size)
+    test_images, test_labels = make_examples(num_test, seed + 1, size)
+    splits = pipeline.Splits(
+        train=tf.data.Dataset.from_tensor_slices((images, labels)),
+        test=tf.data.Dataset.from_tensor_slices((test_images, test_labels)),
+        class_names=list(CLASS_NAMES), num_train=num_train, num_test=num_test)
+    if validation_split:
+        splits = pipeline.hold_out_validation(splits, validation_split, seed)
+    return splits
+
+
+def requires_shared():
+    return pytest.mark.skipif(
+        not (os.path.isdir(SHARED_DATA) and os.path.isfile(SHARED_WEIGHTS)),
+        reason=f"needs the offline CIFAR-10 copy and VGG16 weights under {SHARED} (absent here)")
+
+
+# For tests of what a CPU-only host does (the default strategy, float32, matmul convolutions).
+cpu_only_host = pytest.mark.skipif(
+    bool(tf.config.list_physical_devices("GPU")),
+    reason="checks the behaviour of a host without GPUs, and this host has one")
+
+
+def run_cli(*args, timeout=600):
+    env = dict(os.environ, PYTHONPATH=REPO)
+    return subprocess.run([sys.executable, "-m", "tl_keras.main", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
 
 # Class folder names, sorted: a space and a non-ASCII character, and imbalanced counts.
 CLASSES = {"cat": 12, "dog café": 4, "frog": 6}

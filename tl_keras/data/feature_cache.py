@@ -11,6 +11,7 @@ larger than RAM still works (the OS pages it in). KEY hashes everything the valu
 stale cache is never read; files appear only once complete, so a resumed run reuses them.
 """
 
+import contextlib
 import hashlib
 import json
 import os
@@ -21,7 +22,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tl_keras import input_pipeline
+from tl_keras import files
+from tl_keras.data import pipeline
 
 FORMAT_VERSION = 1
 ORIENTATIONS = {False: "", True: "_flipped"}
@@ -71,10 +73,11 @@ class FeatureCache:
         logging.info("Computing %s activations for %d %s%s examples.", "+".join(boundaries),
                      num_examples, split, ORIENTATIONS[flipped])
         os.makedirs(self.directory, exist_ok=True)
-        with open(os.path.join(self.directory, "key.json"), "w") as f:
-            json.dump(self._key_parts, f, indent=2, sort_keys=True, default=str)
+        files.write_text(os.path.join(self.directory, "key.json"),
+                         json.dumps(self._key_parts, indent=2, sort_keys=True, default=str) + "\n")
         labels = _extract(extractor, batches, num_examples, paths)
-        _save_atomically(self.labels_path(split), labels)
+        with files.atomic_path(self.labels_path(split), suffix=".npy") as tmp:
+            np.save(tmp, labels)
         return [np.load(p, mmap_mode="r") for p in paths]
 
     def labels(self, split: str) -> np.ndarray:
@@ -83,29 +86,28 @@ class FeatureCache:
 
 def _extract(extractor: keras.Model, batches, num_examples: int, paths: list) -> np.ndarray:
     """Stream the extractor's outputs into .npy files; return the integer labels seen on the way."""
-    outputs = extractor.outputs
-    tmps = [p[: -len(".npy")] + ".tmp.npy" for p in paths]
-    outs = [np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32,
-                                      shape=(num_examples,) + tuple(o.shape[1:]))
-            for tmp, o in zip(tmps, outputs)]
-    labels = np.empty(num_examples, dtype=np.int64)
-    progress = _Progress(num_examples, os.path.basename(paths[0]).split(".")[1])
-    done = 0
-    for inputs, one_hot in batches:
-        values = extractor.predict_on_batch(inputs)
-        values = values if isinstance(values, (list, tuple)) else [values]
-        n = min(len(values[0]), num_examples - done)
-        for out, value in zip(outs, values):
-            out[done:done + n] = np.asarray(value)[:n]
-        labels[done:done + n] = np.argmax(one_hot[:n], axis=-1)
-        done += n
-        progress.update(done)
-    if done != num_examples:
-        raise RuntimeError(f"Expected {num_examples} examples for {paths[0]}, got {done}.")
-    for out, tmp, path in zip(outs, tmps, paths):
-        out.flush()
-        del out
-        os.replace(tmp, path)
+    with contextlib.ExitStack() as stack:
+        tmps = [stack.enter_context(files.atomic_path(p, suffix=".npy")) for p in paths]
+        outs = [np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32,
+                                          shape=(num_examples,) + tuple(o.shape[1:]))
+                for tmp, o in zip(tmps, extractor.outputs)]
+        labels = np.empty(num_examples, dtype=np.int64)
+        progress = _Progress(num_examples, os.path.basename(paths[0]).split(".")[1])
+        done = 0
+        for inputs, one_hot in batches:
+            values = extractor.predict_on_batch(inputs)
+            values = values if isinstance(values, (list, tuple)) else [values]
+            n = min(len(values[0]), num_examples - done)
+            for out, value in zip(outs, values):
+                out[done:done + n] = np.asarray(value)[:n]
+            labels[done:done + n] = np.argmax(one_hot[:n], axis=-1)
+            done += n
+            progress.update(done)
+        if done != num_examples:
+            raise RuntimeError(f"Expected {num_examples} examples for {paths[0]}, got {done}.")
+        for out in outs:
+            out.flush()
+        del out, outs  # Close the memory maps before the files are synced and renamed.
     return labels
 
 
@@ -127,12 +129,6 @@ class _Progress:
                      self.total, rate)
 
 
-def _save_atomically(path: str, array: np.ndarray):
-    tmp = path[: -len(".npy")] + ".tmp.npy"
-    np.save(tmp, array)
-    os.replace(tmp, path)
-
-
 def train_dataset(features: np.ndarray, labels: np.ndarray, num_classes: int, batch_size: int,
                   seed: int, flipped: np.ndarray | None = None, start_epoch: int = 0,
                   skip_steps: int = 0, steps_per_epoch: int | None = None) -> tf.data.Dataset:
@@ -145,8 +141,8 @@ def train_dataset(features: np.ndarray, labels: np.ndarray, num_classes: int, ba
     def epoch_batches(epoch):
         # The same shuffle op, seed and buffer as the image pipeline: shuffling depends only on those
         # and the length, so the cached head sees the images' order, batch for batch.
-        seed_e = input_pipeline.epoch_seed(seed, epoch)
-        order = tf.data.Dataset.range(n).shuffle(input_pipeline.SHUFFLE_BUFFER, seed=seed_e)
+        seed_e = pipeline.epoch_seed(seed, epoch)
+        order = tf.data.Dataset.range(n).shuffle(pipeline.SHUFFLE_BUFFER, seed=seed_e)
         with_flips = order.map(lambda i: (i, tf.random.stateless_uniform([], tf.stack([seed_e, i])) < 0.5))
         return with_flips.batch(batch_size).take(steps_per_epoch or -1)
 
@@ -185,13 +181,12 @@ def _reader(features, labels, flipped=None):
 
     def read_mapped(idx, *flip):
         order = np.argsort(idx)  # Sorted reads are faster on a memory map.
-        idx = idx[order]
-        batch = np.asarray(features[idx], dtype=np.float32)
-        if flip and flipped is not None:
-            chosen = flip[0][order]
-            if chosen.any():
-                batch[chosen] = flipped[idx[chosen]]
-        return batch, labels[idx]
+        batch = np.empty((len(idx),) + features.shape[1:], np.float32)
+        batch[order] = features[idx[order]]
+        if flip and flipped is not None and flip[0].any():
+            chosen = np.flatnonzero(flip[0])
+            batch[chosen] = flipped[idx[chosen]]
+        return batch, np.asarray(labels[idx])  # In the order asked for, as the in-memory reader.
 
     def read(idx, flip):
         args = [idx] if flip is None else [idx, flip]

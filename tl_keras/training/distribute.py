@@ -10,7 +10,7 @@ import tempfile
 from absl import logging
 import tensorflow as tf
 
-from tl_keras.errors import UserError
+from tl_keras.errors import UserError, first_line
 
 
 def get_strategy(name: str = "auto", num_gpus: int | None = None, tpu: str | None = None,
@@ -50,7 +50,7 @@ def get_strategy(name: str = "auto", num_gpus: int | None = None, tpu: str | Non
             tf.config.experimental_connect_to_cluster(resolver)
             tf.tpu.experimental.initialize_tpu_system(resolver)
         except (ValueError, tf.errors.OpError) as e:
-            raise UserError(f"No TPU found ({str(e).splitlines()[0] if str(e) else type(e).__name__}). "
+            raise UserError(f"No TPU found ({first_line(e)}). "
                             f"Received: tpu={tpu}") from None
         strategy = tf.distribute.TPUStrategy(resolver)
     else:

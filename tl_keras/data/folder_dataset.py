@@ -10,15 +10,14 @@ import collections
 import dataclasses
 import hashlib
 import os
-import re
 
 from absl import logging
 import numpy as np
 import tensorflow as tf
 
-from tl_keras import input_pipeline
 from tl_keras.config import FOLDER_PREFIX as PREFIX
-from tl_keras.errors import UserError
+from tl_keras.data import pipeline
+from tl_keras.errors import UserError, op_message
 
 # Formats by extension; tf.io.decode_image decodes them all and tells them apart by content.
 EXTENSION_FORMATS = {
@@ -48,7 +47,7 @@ class _Split:
 
 
 def load_folder(root: str, validation_split: float, test_split_fraction: float = 0.0, seed: int = 0,
-                strict: bool = False) -> input_pipeline.Splits:
+                strict: bool = False) -> pipeline.Splits:
     """Load a class-folder dataset as raw Splits: uint8 RGB images of any size, integer labels.
 
     `root/CLASS/...` holds the images of each class, or `root/train/CLASS/...` plus `val/` or
@@ -193,7 +192,7 @@ def check_images(paths: list):
             return index, tf.strings.substr(contents, 0, _HEADER_BYTES), tf.shape(image)
 
         ds = tf.data.Dataset.from_tensor_slices((tf.range(len(to_decode), dtype=tf.int64), to_decode))
-        ds = ds.map(probe, num_parallel_calls=input_pipeline.AUTOTUNE, deterministic=False)
+        ds = ds.map(probe, num_parallel_calls=pipeline.AUTOTUNE, deterministic=False)
         for indices, header_batch, _ in ds.ignore_errors().batch(256).as_numpy_iterator():
             headers.update(zip(indices.tolist(), header_batch.tolist()))
     renamed = {}
@@ -233,15 +232,8 @@ def why_unreadable(path: str) -> str:
     try:
         decode_image(tf.constant(contents))
     except (tf.errors.OpError, ValueError) as e:
-        return f"corrupt, truncated or unsupported {found} data{named} ({_tf_message(e)})"
+        return f"corrupt, truncated or unsupported {found} data{named} ({op_message(e).rstrip('.') or 'no details'})"
     return "could not be decoded"  # Decodes now: it changed during the check.
-
-
-def _tf_message(error: Exception) -> str:
-    text = str(error.message if isinstance(error, tf.errors.OpError) else error)
-    text = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", text)
-    text = re.sub(r"\s*\[Op:\w+\].*$", "", text.strip().splitlines()[0] if text.strip() else "")
-    return text.rstrip(".") or "no details"
 
 
 def sniff_format(header: bytes) -> str | None:
@@ -306,7 +298,7 @@ def _flatten(by_class: dict) -> _Split:
     return _Split([p for p, _ in pairs], [c for _, c in pairs])
 
 
-def _build_splits(splits: dict, class_names: list, root: str, seed: int) -> input_pipeline.Splits:
+def _build_splits(splits: dict, class_names: list, root: str, seed: int) -> pipeline.Splits:
     train = splits["train"]
     # Class-sorted files would defeat the training pipeline's bounded shuffle buffer: mix them once.
     order = np.random.default_rng(seed).permutation(len(train.paths))
@@ -321,7 +313,7 @@ def _build_splits(splits: dict, class_names: list, root: str, seed: int) -> inpu
         f"{name} {counts['train'][c]}/{counts['validation'][c]}/{counts['test'][c]}"
         for c, name in enumerate(class_names)))
     validation_ds = _dataset(validation) if validation else None
-    return input_pipeline.Splits(
+    return pipeline.Splits(
         train=_dataset(train), test=validation_ds if test is validation else _dataset(test),
         class_names=list(class_names), num_train=len(train.paths), num_test=len(test.paths),
         validation=validation_ds,
@@ -346,7 +338,7 @@ def _dataset(split: _Split) -> tf.data.Dataset:
         return image, label
 
     ds = tf.data.Dataset.from_tensor_slices((split.paths, np.asarray(split.labels, np.int64)))
-    good = ds.map(load, num_parallel_calls=input_pipeline.AUTOTUNE).ignore_errors()
+    good = ds.map(load, num_parallel_calls=pipeline.AUTOTUNE).ignore_errors()
     n = len(split.paths)
     return good.concatenate(good.repeat().map(stand_in)).take(n).apply(
         tf.data.experimental.assert_cardinality(n))

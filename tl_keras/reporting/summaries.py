@@ -10,12 +10,15 @@ Layout under model_dir/logs (each folder is a TensorBoard run):
 - the folder itself: HParams (with phase_end/* scalars as its metrics), the effective flags and
   the model summary per phase.
 
+A resumed run first calls trim_logs, which drops what it is about to write again.
+
 Both phases share one RunSummaries, so curves, steps and writers continue across the two fit()
 calls even though each phase compiles a fresh optimizer and may fit a different model (a head on
 cached features, or the upper backbone on stored activations).
 """
 
 import dataclasses
+import glob
 import math
 import os
 import time
@@ -23,28 +26,23 @@ import time
 from absl import logging
 import keras
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
 import tensorflow as tf
 from tensorboard.plugins.hparams import api as hp
 
-from tl_keras import input_pipeline
-from tl_keras import models
-from tl_keras import report
+from tl_keras import config as config_lib
+from tl_keras import files
+from tl_keras.data import pipeline
+from tl_keras.model import backbones
+from tl_keras.reporting import evaluation
+from tl_keras.reporting import images
 
 GRID_EXAMPLES = 16  # Augmented inputs and misclassified examples shown per grid.
-MIN_TILE = 96  # Small images are upscaled (nearest neighbour) to at least this many pixels a side.
-LINE_HEIGHT = 13
-FONT_SIZE = 11
-PAD = 4
-# Confusion-matrix image: LABEL_WIDTH + n * cell + PAD wide, HEADER + n * cell + PAD high.
-CM_LABEL_WIDTH = 120
-CM_HEADER = 2 * LINE_HEIGHT + PAD
-CM_MAX_CELL, CM_MIN_CELL, CM_MAX_SIDE = 40, 8, 800
-CM_MIN_CELL_WITH_COUNTS = 28
-CM_COLOR = np.array([31, 119, 180], np.float64)
-WRONG, INK = (200, 30, 30), (0, 0, 0)
-# Hyperparameters that say where a run lives rather than what it does.
-NOT_HPARAMS = ("model_dir", "mode", "data_dir")
+# The timed train_function relies on how this Keras's fit() calls train_function(iterator); under any
+# other version it is left out (and *_input_wait with it) rather than risk breaking training.
+TESTED_KERAS = "3.15"
+# Written once when a run starts, and not again when it resumes.
+RUN_START_TAGS = frozenset({"augmented_inputs", "flags", "_hparams_/experiment",
+                            "_hparams_/session_start_info"})
 # HParams metrics, written to logs/ itself as phase_end/NAME at the end of each phase; the table
 # shows each one's last value. (The plugin cannot find metrics in subfolders of a session that is
 # the logdir itself, so they are not read from train/, validation/ and test/.)
@@ -63,7 +61,7 @@ HPARAM_METRICS = (
 class RunSummaries:
     """The run's summary writers and what both phases need to log consistently."""
 
-    def __init__(self, config, splits: input_pipeline.Splits, steps_per_epoch: int):
+    def __init__(self, config, splits: pipeline.Splits, steps_per_epoch: int):
         self.config = config
         self.splits = splits
         self.steps_per_epoch = steps_per_epoch
@@ -76,6 +74,8 @@ class RunSummaries:
         self.profiling = False
         self.profiled = False
         self.last_epoch = {}  # The latest epoch's scalars, by run: what phase_end/ reports.
+        self.phases = {}  # Phase number -> _PhaseState, shared by that phase's fit() calls.
+        self.warned_keras = False
 
     def write_run_start(self):
         """HParams, the effective flags, and a grid of augmented training inputs."""
@@ -86,33 +86,38 @@ class RunSummaries:
                 metrics=[hp.Metric(f"phase_end/{tag}", display_name=name) for tag, name in HPARAM_METRICS])
             hp.hparams(hparams, trial_id=os.path.abspath(self.config.model_dir))
             tf.summary.text("flags", flags_markdown(self.config))
-        images, labels = self.augmented_examples()
-        captions = [[(self.splits.class_names[label], INK)] for label in labels]
+        pictures, labels = self.augmented_examples()
+        captions = [[(self.splits.class_names[label], images.INK)] for label in labels]
         with self.writers["train"].as_default(step=0):
-            tf.summary.image("augmented_inputs", captioned_grid(images, captions)[None],
+            tf.summary.image("augmented_inputs", images.captioned_grid(pictures, captions)[None],
                              description="Training inputs after augmentation, preprocessing undone.")
         self.flush()
 
     def augmented_examples(self):
         """A batch from the training pipeline's own code, on a few examples: what the model sees."""
         config = self.config
-        preprocess = models.get_preprocessing(config.backbone, config.image_size)
-        batch = input_pipeline.build_train_dataset(
+        preprocess = backbones.get_preprocessing(config.backbone, config.image_size)
+        batch = pipeline.build_train_dataset(
             self.splits.train.take(GRID_EXAMPLES), preprocess, GRID_EXAMPLES,
             self.splits.num_classes, config.augment, config.seed)
-        images, one_hot = next(iter(batch))
-        unpreprocess = models.get_inverse_preprocessing(config.backbone)
-        return unpreprocess(images.numpy()), np.argmax(one_hot.numpy(), axis=-1)
+        pictures, one_hot = next(iter(batch))
+        unpreprocess = backbones.get_inverse_preprocessing(config.backbone)
+        return unpreprocess(pictures.numpy()), np.argmax(one_hot.numpy(), axis=-1)
 
-    def phase_callback(self, phase: int, classifier: keras.Model, initial_epoch: int, learning_rate):
-        return PhaseSummaries(self, phase, classifier, initial_epoch, learning_rate)
+    def phase_callback(self, phase: int, classifier: keras.Model, initial_epoch: int, learning_rate,
+                       step_offset: int = 0) -> keras.callbacks.Callback:
+        """A new callback for one fit() of `phase`, which began `step_offset` steps into its first
+        epoch (a resumed partial epoch). What outlives one fit() is kept here, per phase."""
+        state = self.phases.setdefault(phase, _PhaseState())
+        return PhaseSummaries(self, state, phase, classifier, initial_epoch, learning_rate, step_offset)
 
-    def write_phase_end(self, phase: int, epoch: int, probabilities: np.ndarray, labels: np.ndarray,
-                        metrics: dict):
-        """Test metrics, the confusion matrix and the most confident mistakes at the phase's end.
+    def write_phase_end(self, phase: int, epoch: int, result: evaluation.Evaluation,
+                        metrics: dict) -> np.ndarray:
+        """Test metrics, the confusion matrix and the worst mistakes at the phase's end.
 
-        `probabilities` and `labels` come from report.collect_predictions on the phase's test
-        batches, which follow the raw split's order.
+        `result` evaluates the phase's test batches, which follow the raw test split's order;
+        `metrics` are its prefixed metrics (test_loss, ...) and whatever else the phase reports.
+        Returns the indices of the mistakes drawn, worst first.
         """
         ends = dict(metrics)
         for run, values in self.last_epoch.items():
@@ -121,37 +126,23 @@ class RunSummaries:
             for name, _ in HPARAM_METRICS:
                 if name in ends:
                     tf.summary.scalar(f"phase_end/{name}", ends[name])
-        predictions = np.argmax(probabilities, axis=-1)
         names = self.splits.class_names
-        matrix = report.confusion_matrix(labels, predictions, len(names))
-        wrong = np.flatnonzero(predictions != labels)
-        wrong = wrong[np.argsort(-probabilities[wrong, predictions[wrong]], kind="stable")][:GRID_EXAMPLES]
+        matrix = evaluation.confusion_matrix(result.labels, result.predictions, len(names))
+        grid, shown = evaluation.misclassified_image(result, self.splits.test, names, GRID_EXAMPLES)
         with self.writers["test"].as_default(step=epoch):
-            for name in ("loss", "accuracy", "top5_accuracy"):
-                tf.summary.scalar(f"epoch_{name}", metrics[f"test_{name}"])
+            for name, value in result.metrics.items():
+                tf.summary.scalar(f"epoch_{name}", value)
             tf.summary.scalar("epoch_phase", phase)
-            tf.summary.image("confusion_matrix", confusion_matrix_image(matrix, names)[None],
-                             description=f"Phase {phase} on {len(labels)} test examples: rows are true "
-                                         "classes, columns predicted; shade is the share of the row.")
+            tf.summary.image("confusion_matrix", images.confusion_matrix_image(matrix, names)[None],
+                             description=f"Phase {phase} on {len(result.labels)} test examples: rows are "
+                                         "true classes, columns predicted; shade is the share of the row.")
             tf.summary.text("confusion_matrix_counts", confusion_matrix_markdown(matrix, names))
-            if len(wrong):
-                captions = [[(f"true: {names[labels[i]]}", INK), (f"pred: {names[predictions[i]]}", WRONG),
-                             (f"confidence {probabilities[i, predictions[i]]:.0%}", WRONG)] for i in wrong]
-                grid = captioned_grid(self.raw_test_images(wrong), captions)
+            if len(shown):
                 tf.summary.image("misclassified", grid[None],
-                                 description=f"Phase {phase}: the {len(wrong)} most confident mistakes "
+                                 description=f"Phase {phase}: the {len(shown)} most confident mistakes "
                                              "on the test split, with true and predicted labels.")
         self.flush()
-
-    def raw_test_images(self, indices) -> np.ndarray:
-        """Test images by index, as stored (not preprocessed), resized to the model's input size."""
-        wanted = {int(i): None for i in indices}
-        size = self.config.image_size
-        for i, (image, _) in enumerate(self.splits.test.take(max(wanted) + 1)):
-            if i in wanted:
-                wanted[i] = tf.cast(tf.clip_by_value(tf.round(tf.image.resize(image, (size, size))),
-                                                     0, 255), tf.uint8).numpy()
-        return np.stack([wanted[int(i)] for i in indices])
+        return shown
 
     def write_model_summary(self, phase: int, classifier: keras.Model, fitted: keras.Model, step: int):
         lines = []
@@ -199,40 +190,55 @@ class _Interval:
     totals: dict = dataclasses.field(default_factory=dict)
 
 
+@dataclasses.dataclass
+class _PhaseState:
+    """What one phase's fit() calls share: a resumed partial epoch's steps after its last batch-level
+    point count towards the next point, written by the next fit()."""
+
+    interval: _Interval = dataclasses.field(default_factory=_Interval)
+    summarized: bool = False  # The model summary is written once per phase.
+
+
 class PhaseSummaries(keras.callbacks.Callback):
-    """Epoch and step scalars for one phase's fit(), on the run's global epoch and step axes.
+    """Epoch and step scalars for one fit() of a phase, on the run's global epoch and step axes.
 
     Keras reports running means since the epoch began; batch_* scalars are the means over the
     steps since the previous point, recovered from those running means (k * mean_k - j * mean_j).
 
-    Input wait: after each phase's first step (which traces the step function), the callback
+    Input wait: after each fit()'s first step (which traces the step function), the callback
     fetches each batch itself, timed, and hands it to Keras's compiled step, instead of letting the
     step fetch it in-graph. Time blocked in that fetch is time the accelerator had nothing to do
     because the tf.data pipeline was behind; *_input_wait is its share of the training wall time.
-    Near 0: the input keeps up; near 1: input-bound.
+    Near 0: the input keeps up; near 1: input-bound. Under a Keras other than TESTED_KERAS the fetch
+    is not timed and *_input_wait is not written.
     """
 
-    def __init__(self, board: RunSummaries, phase: int, classifier: keras.Model, initial_epoch: int,
-                 learning_rate):
+    def __init__(self, board: RunSummaries, state: _PhaseState, phase: int, classifier: keras.Model,
+                 initial_epoch: int, learning_rate, step_offset: int = 0):
         super().__init__()
         self.board = board
+        self.state = state
         self.phase = phase
         self.classifier = classifier
         self.initial_epoch = initial_epoch
         self.learning_rate = learning_rate
+        self.step_offset = step_offset  # Steps of the first epoch done before this fit() began.
         config = board.config
         self.log_every = config.log_every_steps or 0
         self.profile_steps = config.profile_steps
         self._unwrapped = None
+        self._times_input = False
         self._step = initial_epoch * board.steps_per_epoch
-        self._interval = _Interval()
-        self.step_offset = 0  # Steps of the current epoch done before this fit() began (a resume).
 
     # Fit begin/end: model summary, the timed fetch, profiler.
 
     def on_train_begin(self, logs=None):
-        self.board.write_model_summary(self.phase, self.classifier, self.model, self.initial_epoch)
-        self._wrap_train_function()
+        if not self.state.summarized:
+            self.board.write_model_summary(self.phase, self.classifier, self.model, self.initial_epoch)
+            self.state.summarized = True
+        self._times_input = _keras_is_tested(self.board)
+        if self._times_input:
+            self._wrap_train_function()
 
     def on_train_end(self, logs=None):
         if self._unwrapped is not None:
@@ -255,7 +261,7 @@ class PhaseSummaries(keras.callbacks.Callback):
             start = time.perf_counter()
             batch = next(iterator)  # Blocks until the pipeline's prefetch buffer has a batch.
             waited = time.perf_counter() - start
-            self._interval.wait += waited
+            self.state.interval.wait += waited
             self._epoch_wait += waited
             # Keras runs its compiled step on each batch of a plain Python iterator.
             return train_function(iter([batch]))
@@ -296,7 +302,7 @@ class PhaseSummaries(keras.callbacks.Callback):
     def _write_step_point(self, logs):
         self._close_segment()
         self._advance(self._batches, _scalars(logs))
-        interval, self._interval = self._interval, _Interval()
+        interval, self.state.interval = self.state.interval, _Interval()
         with self.board.writers["train"].as_default(step=self._step):
             for name, total in interval.totals.items():
                 tf.summary.scalar(f"batch_{name}", total / interval.steps)
@@ -308,17 +314,17 @@ class PhaseSummaries(keras.callbacks.Callback):
 
     def _advance(self, batches: int, means: dict):
         """Move the interval to `batches` steps into the epoch, whose running means are `means`."""
+        interval = self.state.interval
         totals = {name: batches * mean for name, mean in means.items()}
         for name, total in totals.items():
-            self._interval.totals[name] = (self._interval.totals.get(name, 0.0) + total
-                                           - self._read.totals.get(name, 0.0))
-        self._interval.steps += batches - self._read.steps
+            interval.totals[name] = interval.totals.get(name, 0.0) + total - self._read.totals.get(name, 0.0)
+        interval.steps += batches - self._read.steps
         self._read = _Interval(steps=batches, totals=totals)
 
     def _close_segment(self):
         """Stop the interval's clock at the last step's end (validation is not training time)."""
         if self._segment_start is not None:
-            self._interval.seconds += self._last_batch_end - self._segment_start
+            self.state.interval.seconds += self._last_batch_end - self._segment_start
             self._segment_start = None
 
     def on_test_begin(self, logs=None):
@@ -358,6 +364,7 @@ class PhaseSummaries(keras.callbacks.Callback):
                     tf.summary.scalar("epoch_throughput", board.validation_examples / seconds)
                     tf.summary.scalar("epoch_time", seconds)
         board.flush()
+        self.step_offset = 0  # Later epochs of this fit() start at their first step.
 
     def _write_speed(self, prefix: str, examples: int, seconds: float, wait: float):
         seconds = max(seconds, 1e-9)
@@ -365,8 +372,9 @@ class PhaseSummaries(keras.callbacks.Callback):
                           description="Training images per second.")
         if prefix == "epoch":
             tf.summary.scalar("epoch_time", seconds, description="Seconds of training steps.")
-        tf.summary.scalar(f"{prefix}_input_wait", min(1.0, wait / seconds),
-                          description="Share of the time spent waiting for the input pipeline.")
+        if self._times_input:
+            tf.summary.scalar(f"{prefix}_input_wait", min(1.0, wait / seconds),
+                              description="Share of the time spent waiting for the input pipeline.")
 
     def _current_learning_rate(self) -> float:
         """The learning rate of the step just taken (a schedule is read at the step before)."""
@@ -374,6 +382,18 @@ class PhaseSummaries(keras.callbacks.Callback):
             step = max(0, int(self.model.optimizer.iterations.numpy()) - 1)
             return float(self.learning_rate(step))
         return float(self.learning_rate)
+
+
+def _keras_is_tested(board: RunSummaries) -> bool:
+    """Whether this Keras is the one the timed train_function was written for; warns once if not."""
+    version = ".".join(keras.__version__.split(".")[:2])
+    if version == TESTED_KERAS:
+        return True
+    if not board.warned_keras:
+        logging.warning("The input-wait timing was written for Keras %s, found %s: training runs "
+                        "untimed and *_input_wait is not logged.", TESTED_KERAS, keras.__version__)
+        board.warned_keras = True
+    return False
 
 
 def _scalars(logs) -> dict:
@@ -394,9 +414,10 @@ def _capped(num_examples: int, steps: int | None, batch_size: int) -> int:
 def hparams_of(config) -> dict:
     """The config as HParams values: scalars as they are, lists as text; unset ones left out."""
     values = {}
+    location = config_lib.names(config_lib.LOCATION)  # Where a run lives, not what it does.
     for field in dataclasses.fields(config):
         value = getattr(config, field.name)
-        if field.name in NOT_HPARAMS or value is None:
+        if field.name in location or value is None:
             continue
         values[field.name] = ",".join(map(str, value)) if isinstance(value, tuple) else value
     return values
@@ -427,70 +448,34 @@ def confusion_matrix_markdown(matrix: np.ndarray, class_names) -> str:
     return "\n".join(rows)
 
 
-def confusion_cell_size(num_classes: int) -> int:
-    return max(CM_MIN_CELL, min(CM_MAX_CELL, CM_MAX_SIDE // num_classes))
+def trim_logs(log_dir: str, epoch: int, global_step: int):
+    """Drop summaries a resumed run is about to write again, so curves never hold a step twice.
 
+    Per-step tags (`batch_*`, on the global step axis) go after `global_step`; everything written per
+    epoch or phase (on the epoch axis) goes from `epoch` on; RUN_START_TAGS stay. Each event file that
+    loses a summary is rewritten atomically.
+    """
+    def keep(tag, step):
+        if tag in RUN_START_TAGS:
+            return True
+        if tag.startswith("batch_"):
+            return step <= global_step
+        return step < epoch
 
-def confusion_matrix_image(matrix: np.ndarray, class_names) -> np.ndarray:
-    """The matrix as an RGB uint8 heatmap: rows true, columns predicted, shaded by share of the row,
-    with counts in the cells when they fit. Rows are labelled 'index name', columns by index."""
-    n = len(class_names)
-    cell = confusion_cell_size(n)
-    height, width = CM_HEADER + n * cell + PAD, CM_LABEL_WIDTH + n * cell + PAD
-    rows = matrix.sum(axis=1, keepdims=True)
-    shares = np.divide(matrix, rows, out=np.zeros(matrix.shape, np.float64), where=rows > 0)
-    image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
-    font = _font()
-    draw.text((PAD, PAD), "true \\ predicted", fill=INK, font=font)
-    for i in range(n):
-        top = CM_HEADER + i * cell
-        label = _fit(draw, f"{i} {class_names[i]}", CM_LABEL_WIDTH - 2 * PAD, font)
-        draw.text((PAD, top + (cell - LINE_HEIGHT) // 2), label, fill=INK, font=font)
-        left = CM_LABEL_WIDTH + i * cell
-        draw.text((left + cell // 2, CM_HEADER - PAD), str(i), fill=INK, font=font, anchor="mb")
-        for j in range(n):
-            share = shares[i, j]
-            color = tuple(int(round(c)) for c in 255 + (CM_COLOR - 255) * share)
-            box = (CM_LABEL_WIDTH + j * cell, top, CM_LABEL_WIDTH + (j + 1) * cell - 1, top + cell - 1)
-            draw.rectangle(box, fill=color, outline=(220, 220, 220))
-            if cell >= CM_MIN_CELL_WITH_COUNTS:
-                draw.text(((box[0] + box[2]) // 2, (box[1] + box[3]) // 2), str(matrix[i, j]),
-                          fill="white" if share > 0.5 else INK, font=font, anchor="mm")
-    return np.asarray(image)
-
-
-def captioned_grid(images: np.ndarray, captions) -> np.ndarray:
-    """uint8 images [N, H, W, 3] in a near-square grid, each with its lines of (text, color) below."""
-    images = np.asarray(images, np.uint8)
-    n, size = len(images), images.shape[1]
-    factor = max(1, math.ceil(MIN_TILE / size))
-    tile = size * factor
-    columns = math.ceil(math.sqrt(n))
-    rows = math.ceil(n / columns)
-    lines = max((len(c) for c in captions), default=0)
-    cell_w, cell_h = tile + PAD, tile + lines * LINE_HEIGHT + PAD
-    grid = Image.new("RGB", (columns * cell_w + PAD, rows * cell_h + PAD), "white")
-    draw = ImageDraw.Draw(grid)
-    font = _font()
-    for k, (image, caption) in enumerate(zip(images, captions)):
-        left, top = PAD + (k % columns) * cell_w, PAD + (k // columns) * cell_h
-        big = image.repeat(factor, axis=0).repeat(factor, axis=1)[:, :, :3]
-        grid.paste(Image.fromarray(np.ascontiguousarray(big)), (left, top))
-        for line, (text, color) in enumerate(caption):
-            draw.text((left, top + tile + line * LINE_HEIGHT), _fit(draw, text, tile, font),
-                      fill=color, font=font)
-    return np.asarray(grid)
-
-
-def _font():
-    return ImageFont.load_default(size=FONT_SIZE)
-
-
-def _fit(draw, text: str, width: int, font) -> str:
-    """Cut `text` with an ellipsis until it fits in `width` pixels."""
-    if draw.textlength(text, font=font) <= width:
-        return text
-    while text and draw.textlength(text + "…", font=font) > width:
-        text = text[:-1]
-    return text + "…"
+    for path in glob.glob(os.path.join(log_dir, "**", "events.out.tfevents.*"), recursive=True):
+        if path.endswith(".tmp"):  # An interrupted rewrite's leftover; atomic_path replaces it.
+            continue
+        kept, dropped = [], 0
+        for record in tf.data.TFRecordDataset(path).as_numpy_iterator():
+            event = tf.compat.v1.Event.FromString(record)
+            tags = [value.tag for value in event.summary.value]
+            if tags and not all(keep(tag, event.step) for tag in tags):
+                dropped += 1
+            else:
+                kept.append(record)
+        if dropped:
+            with files.atomic_path(path) as tmp, tf.io.TFRecordWriter(tmp) as writer:
+                for record in kept:
+                    writer.write(record)
+            logging.info("Dropped %d summaries past epoch %d (step %d) from %s.", dropped, epoch,
+                         global_step, path)

@@ -1,4 +1,4 @@
-"""`python -m tl_keras.gpu_check`: the GPU side, on a machine that has GPUs (not part of the tests).
+"""`python -m tools.gpu_check`: the GPU side, on a machine that has GPUs (not part of the tests).
 
 Runs phase 2 (backbone unfrozen from --fine_tune_at) at 224x224 on synthetic images under
 MirroredStrategy over every visible GPU with mixed precision, and prints JSON with the img/s and the
@@ -13,7 +13,7 @@ import time
 from absl import app
 from absl import flags as absl_flags
 
-from tl_keras import flags  # noqa: F401  (defines the shared flags it reads)
+from tl_keras import flags
 
 FLAGS = absl_flags.FLAGS
 
@@ -24,8 +24,8 @@ def check(image_size: int = 224, per_replica_batch: int = 64, steps: int = 30,
     import numpy as np
     import tensorflow as tf
 
-    from tl_keras import distribute
-    from tl_keras import models
+    from tl_keras.model import classifier
+    from tl_keras.training import distribute
 
     gpus = tf.config.list_physical_devices("GPU")
     if not gpus:
@@ -34,8 +34,8 @@ def check(image_size: int = 224, per_replica_batch: int = 64, steps: int = 30,
     keras.mixed_precision.set_global_policy(precision)
     batch = per_replica_batch * strategy.num_replicas_in_sync
     with strategy.scope():
-        model = models.build_classifier("vgg16", image_size, 10, "none")
-        models.unfreeze_backbone(model, fine_tune_at)
+        model = classifier.build_classifier("vgg16", image_size, 10, "none")
+        classifier.unfreeze_backbone(model, fine_tune_at)
         model.compile(optimizer=keras.optimizers.Adam(1e-4), loss="categorical_crossentropy")
     rng = np.random.default_rng(0)
     images = rng.normal(0, 50, (batch, image_size, image_size, 3)).astype("float32")
@@ -64,6 +64,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from tl_keras.main import _parse
-
-    sys.exit(app.run(main, flags_parser=_parse))
+    sys.exit(app.run(main, flags_parser=flags.parse))

@@ -1,4 +1,4 @@
-"""`python -m tl_keras.bench`: phase 1 of tl_keras against the plain recipe, side by side, same data.
+"""`python -m tools.bench`: phase 1 of tl_keras against the plain recipe, side by side, same data.
 
 The plain recipe is what blog posts teach: the dataset as numpy arrays in memory and `model.fit`
 with batch 32 on the classifier, so the frozen backbone runs again at every step of every epoch.
@@ -8,7 +8,6 @@ convolutions as matmuls (matmul_conv, what training uses on CPU), in alternating
 Absolute img/s vary a lot on shared machines; the ratios, measured in one process, are the headline.
 """
 
-import json
 import os
 import resource
 import sys
@@ -16,10 +15,21 @@ import tempfile
 import time
 
 from absl import app
+from absl import flags as absl_flags
 from absl import logging
 
+from tl_keras import files
 from tl_keras import flags
 from tl_keras.errors import UserError
+
+# The benchmark's own flags, beside the trainer's (which give the recipe it measures); defined here so
+# that they stay out of the trainer's --helpfull.
+absl_flags.DEFINE_integer("bench_examples", 10_000, "Training examples the benchmark uses.")
+absl_flags.DEFINE_string("bench_json", "bench.json", "Where the benchmark writes its JSON results.")
+absl_flags.DEFINE_integer("bench_plain_epochs", 1,
+                          "Epochs of the plain recipe actually run; its phase-1 time is scaled to "
+                          "--head_epochs from their mean (it is the slow side).")
+absl_flags.DEFINE_integer("bench_phase2_steps", 20, "Timed phase-2 train steps (after 3 warm-up steps).")
 
 
 def run_benchmark(config, num_examples: int, plain_epochs: int = 1, phase2_steps: int = 20) -> dict:
@@ -27,19 +37,21 @@ def run_benchmark(config, num_examples: int, plain_epochs: int = 1, phase2_steps
     import keras
     import numpy as np
 
-    from tl_keras import feature_cache
-    from tl_keras import input_pipeline
-    from tl_keras import matmul_conv
-    from tl_keras import models
-    from tl_keras import train
+    from tl_keras.data import feature_cache
+    from tl_keras.data import pipeline as input_pipeline
+    from tl_keras.data import tfds_dataset
+    from tl_keras.model import backbones
+    from tl_keras.model import classifier
+    from tl_keras.model import matmul_conv
+    from tl_keras.training import phases
 
     keras.utils.set_random_seed(config.seed)
-    splits = input_pipeline.load_tfds(config.dataset, config.data_dir, config.train_split,
+    splits = tfds_dataset.load_tfds(config.dataset, config.data_dir, config.train_split,
                                       config.test_split, 0.0, config.seed)
     n = min(num_examples, splits.num_train)
     examples = splits.train.take(n).cache()
     classes = splits.num_classes
-    preprocess = models.get_preprocessing(config.backbone, config.image_size)
+    preprocess = backbones.get_preprocessing(config.backbone, config.image_size)
     results = {"examples": n, "image_size": config.image_size, "backbone": config.backbone,
                "batch_size": config.batch_size, "head_epochs": config.head_epochs}
 
@@ -62,9 +74,9 @@ def run_benchmark(config, num_examples: int, plain_epochs: int = 1, phase2_steps
     results["pipeline_img_per_s"] = n / (time.perf_counter() - start)
 
     # 2. Plain recipe: frozen backbone recomputed at every step, batch 32.
-    plain = models.build_classifier(config.backbone, config.image_size, classes, config.weights,
+    plain = classifier.build_classifier(config.backbone, config.image_size, classes, config.weights,
                                     config.head_units, config.head_batchnorm, config.dropout)
-    train._compile(plain, config.head_learning_rate, config, classes)
+    phases.compile_classifier(plain, config.head_learning_rate, config, classes)
     timer = _EpochTimer()
     plain.fit(images, labels, batch_size=32, epochs=plain_epochs, callbacks=[timer], verbose=0)
     plain_epoch = float(np.mean(timer.seconds))
@@ -74,20 +86,20 @@ def run_benchmark(config, num_examples: int, plain_epochs: int = 1, phase2_steps
     del plain
 
     # 3. tl_keras: extract pooled features once, then train the head on them.
-    model = models.build_classifier(config.backbone, config.image_size, classes, config.weights,
+    model = classifier.build_classifier(config.backbone, config.image_size, classes, config.weights,
                                     config.head_units, config.head_batchnorm, config.dropout)
     with tempfile.TemporaryDirectory() as tmp:
         cache = feature_cache.FeatureCache(tmp, {"bench": True})
         start = time.perf_counter()
-        extractor = models.build_extractor(model, [models.HEAD_INPUT])
+        extractor = classifier.build_extractor(model, [classifier.HEAD_INPUT])
         batches = input_pipeline.build_eval_dataset(examples, preprocess, config.batch_size, classes,
                                                     cache=False)
-        (features,) = cache.get([models.HEAD_INPUT], "train", False, extractor, batches, n)
+        (features,) = cache.get([classifier.HEAD_INPUT], "train", False, extractor, batches, n)
         features = np.array(features)
         extraction = time.perf_counter() - start
-        head = models.build_model_from(model, models.HEAD_INPUT)
-        train._compile(head, config.head_learning_rate, config, classes,
-                       steps_per_execution=train.steps_per_execution(steps))
+        head = classifier.build_model_from(model, classifier.HEAD_INPUT)
+        phases.compile_classifier(head, config.head_learning_rate, config, classes,
+                       steps_per_execution=phases.steps_per_execution(steps))
         timer = _EpochTimer()
         head.fit(feature_cache.train_dataset(features, cache.labels("train"), classes, config.batch_size,
                                              config.seed),
@@ -98,19 +110,19 @@ def run_benchmark(config, num_examples: int, plain_epochs: int = 1, phase2_steps
     results["tl_keras_phase1_seconds"] = extraction + float(np.sum(timer.seconds))
 
     # 4. Phase-2 train step on images (backbone unfrozen from fine_tune_at).
-    models.unfreeze_backbone(model, config.fine_tune_at)
-    train._compile(model, config.finetune_learning_rate, config, classes)
+    classifier.unfreeze_backbone(model, config.fine_tune_at)
+    phases.compile_classifier(model, config.finetune_learning_rate, config, classes)
     images_ds = input_pipeline.build_train_dataset(
         examples, preprocess, config.batch_size, classes, config.augment, config.seed)
 
     # 5. The same step with small-map convolutions as matmuls (what training uses on CPU), timed
     # in alternating rounds with the native one so that machine noise hits both alike.
-    fast = models.build_classifier(config.backbone, config.image_size, classes, "none",
+    fast = classifier.build_classifier(config.backbone, config.image_size, classes, "none",
                                    config.head_units, config.head_batchnorm, config.dropout,
                                    matmul_small_convs=True)
     fast.set_weights(model.get_weights())
-    models.unfreeze_backbone(fast, config.fine_tune_at)
-    train._compile(fast, config.finetune_learning_rate, config, classes)
+    classifier.unfreeze_backbone(fast, config.fine_tune_at)
+    phases.compile_classifier(fast, config.finetune_learning_rate, config, classes)
     seconds = {"native": 0.0, "matmul": 0.0}
     for candidate in (model, fast):
         candidate.fit(images_ds, steps_per_epoch=3, epochs=1, verbose=0)
@@ -178,8 +190,7 @@ def format_table(results: dict) -> str:
 
 
 def main(argv):
-    if len(argv) > 1:
-        sys.exit(f"tl_keras.bench: error: unexpected arguments: {' '.join(argv[1:])}")
+    del argv  # flags.parse refuses positional arguments.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
     try:
@@ -192,16 +203,12 @@ def main(argv):
         results = run_benchmark(config, flags.FLAGS.bench_examples, flags.FLAGS.bench_plain_epochs,
                                 flags.FLAGS.bench_phase2_steps)
     except UserError as e:
-        sys.exit(f"tl_keras.bench: error: {e}")
+        sys.exit(f"tools.bench: error: {e}")
     table = format_table(results)
     print(table)  # The table is this command's product.
-    with open(flags.FLAGS.bench_json, "w") as f:
-        json.dump(results, f, indent=2, sort_keys=True)
-        f.write("\n")
+    files.write_json(flags.FLAGS.bench_json, results)
     logging.info("Wrote %s", flags.FLAGS.bench_json)
 
 
 if __name__ == "__main__":
-    from tl_keras.main import _parse
-
-    app.run(main, flags_parser=_parse)
+    app.run(main, flags_parser=flags.parse)

@@ -6,16 +6,15 @@ file is read and decoded here, so one unreadable file is reported and the rest s
 
 import json
 import os
-import re
 
 from absl import logging
 import numpy as np
 import tensorflow as tf
 
-from tl_keras import export as export_lib
 from tl_keras import files
 from tl_keras.config import Config
-from tl_keras.errors import UserError
+from tl_keras.errors import UserError, op_message
+from tl_keras.serving import export as export_lib
 
 
 def run(config: Config) -> dict:
@@ -98,7 +97,7 @@ def predict_files(serve, paths, class_names, top_k: int, batch_size: int):
                 probabilities = serve(images=batch)["probabilities"]
             except tf.errors.InvalidArgumentError as e:
                 for path in group:
-                    results[path] = {"image": path, "error": f"the model refused it: {_op_message(e)}"}
+                    results[path] = {"image": path, "error": f"the model refused it: {op_message(e)}"}
                 continue
             for path, row in zip(group, probabilities.numpy()):
                 results[path] = {"image": path, "predictions": top_classes(row, class_names, top_k)}
@@ -112,11 +111,11 @@ def load_image(path: str) -> np.ndarray:
         with tf.io.gfile.GFile(path, "rb") as f:
             data = f.read()
     except (tf.errors.OpError, OSError) as e:
-        raise ValueError(f"cannot read the file: {_op_message(e)}") from None
+        raise ValueError(f"cannot read the file: {op_message(e)}") from None
     try:
         image = tf.io.decode_image(data, channels=3, dtype=tf.uint8, expand_animations=False)
     except tf.errors.InvalidArgumentError as e:
-        raise ValueError(f"not a readable image: {_op_message(e)}") from None
+        raise ValueError(f"not a readable image: {op_message(e)}") from None
     if 0 in image.shape:
         raise ValueError(f"empty image of shape {tuple(image.shape)}")
     return image.numpy()
@@ -134,14 +133,3 @@ def format_result(result: dict) -> str:
         return f"{result['image']}  ERROR: {result['error']}"
     return "  ".join([result["image"]] + [f"{p['class_name']} {p['probability']:.4f}"
                                            for p in result["predictions"]])
-
-
-def _op_message(error: Exception) -> str:
-    """TensorFlow's error text without the op/node decorations around it."""
-    text = getattr(error, "message", None) or str(error)
-    text = re.sub(r"\{\{[^}]*\}\}\s*", "", text)
-    text = re.sub(r"\s*\[Op:[^\]]*\].*$", "", text, flags=re.S)
-    noise = ("[[", "Graph execution error", "Detected at node", "<stack traces")
-    lines = [line.strip() for line in text.splitlines()
-             if line.strip() and not line.strip().startswith(noise)]
-    return lines[-1] if lines else type(error).__name__

@@ -1,0 +1,1 @@
+"""Where examples come from and how they become batches: TFDS, folders, tf.data, the feature cache."""

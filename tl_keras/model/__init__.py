@@ -1,0 +1,1 @@
+"""Backbones, the classifier head, and which layers train in each stage."""

@@ -1,0 +1,1 @@
+"""One evaluation path, one image renderer, and TensorBoard summaries."""

@@ -1,0 +1,1 @@
+"""Export formats and --mode=predict on an export."""

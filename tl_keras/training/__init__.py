@@ -1,0 +1,1 @@
+"""The run: mode dispatch, phases, the run directory, checkpoints and strategies."""

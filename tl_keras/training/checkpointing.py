@@ -1,0 +1,214 @@
+"""Resumable training state: where the run is, the weights, the optimizer and the RNG state.
+
+Keras's BackupAndRestore restores only the epoch of one fit() call and deletes its backup when fit()
+ends; a two-phase run needs its own record of which phase has finished. Each save writes a new
+`checkpoints/state-NNNNNN/` directory and then atomically replaces `checkpoints/state.json`, which
+points at it, so a kill at any moment leaves either the old or the new state, never a torn one.
+
+Optimizer and RNG variables are stored by their Keras path, not by position: Adam's two moments have
+the same shapes, so a change of order would otherwise swap them silently.
+"""
+
+import dataclasses
+import os
+import shutil
+
+from absl import logging
+import keras
+import numpy as np
+
+from tl_keras import files
+
+STATE_FILE = "state.json"
+LATEST = "latest.weights.h5"
+BEST = "best.weights.h5"
+MODEL_FILE = "model.weights.h5"
+OPTIMIZER_FILE = "optimizer.npz"
+RNG_FILE = "rng.npz"
+
+
+@dataclasses.dataclass
+class RunState:
+    """Progress of a run. `epoch` counts finished epochs across both phases; `step` counts finished
+    steps inside epoch `epoch` (non-zero only with --save_every_steps)."""
+
+    phase: str = "head"  # head | finetune | export | done
+    epoch: int = 0
+    export_dir: str = ""
+    step: int = 0
+    best_value: float = float("-inf")
+    save_id: int = 0
+
+
+def checkpoint_dir(model_dir: str) -> str:
+    return os.path.join(model_dir, "checkpoints")
+
+
+def load_state(model_dir: str) -> RunState | None:
+    data = files.read_json(os.path.join(checkpoint_dir(model_dir), STATE_FILE))
+    if data is None:
+        return None
+    return RunState(**{k: v for k, v in data.items() if k in RunState.__dataclass_fields__})
+
+
+def save_state(model_dir: str, state: RunState, classifier: keras.Model | None = None,
+               fit_model: keras.Model | None = None):
+    """Write weights, optimizer and RNG state (when given) and then the pointer, atomically."""
+    directory = checkpoint_dir(model_dir)
+    os.makedirs(directory, exist_ok=True)
+    if classifier is not None:
+        state.save_id += 1
+        with files.atomic_path(_state_dir(model_dir, state)) as tmp:
+            os.makedirs(tmp)
+            classifier.save_weights(os.path.join(tmp, MODEL_FILE))
+            np.savez(os.path.join(tmp, RNG_FILE), **_arrays(rng_variables(classifier)))
+            if fit_model is not None:
+                np.savez(os.path.join(tmp, OPTIMIZER_FILE), **_arrays(optimizer_variables(fit_model)))
+    files.write_json(os.path.join(directory, STATE_FILE), dataclasses.asdict(state))
+    if classifier is not None:
+        _remove_old_states(directory, keep=os.path.basename(_state_dir(model_dir, state)))
+
+
+def restore(model_dir: str, state: RunState, classifier: keras.Model,
+            fit_model: keras.Model | None = None) -> bool:
+    """Load the weights and RNG state saved with `state` and, if fit_model is compiled, its optimizer.
+
+    The RNG state (dropout's seed generators) carries over phases, so it is restored even at the phase
+    boundary, where the optimizer starts fresh. Returns whether the optimizer was restored.
+    """
+    target = _state_dir(model_dir, state)
+    classifier.load_weights(os.path.join(target, MODEL_FILE))
+    assign_by_path(rng_variables(classifier), os.path.join(target, RNG_FILE))
+    saved = os.path.join(target, OPTIMIZER_FILE)
+    if fit_model is None or not os.path.exists(saved):
+        return False
+    fit_model.optimizer.build(fit_model.trainable_variables)
+    problem = assign_by_path(optimizer_variables(fit_model), saved)
+    if problem:
+        logging.warning("Saved optimizer state does not match this phase (%s); starting it fresh.", problem)
+        return False
+    logging.info("Restored weights, optimizer (step %d) and RNG state from %s.",
+                 int(fit_model.optimizer.iterations.numpy()), target)
+    return True
+
+
+def optimizer_variables(model: keras.Model) -> dict:
+    """The optimizer's variables by their path below the optimizer ('iteration',
+    'block5_conv1_kernel_momentum'): Keras numbers optimizers per process (adam, adam_1, ...), so the
+    optimizer's own name is no part of a key that must match after a restart."""
+    optimizer = model.optimizer
+    prefix = optimizer.name + "/"
+    return _unique({(v.path[len(prefix):] if v.path.startswith(prefix) else v.path): v
+                    for v in optimizer.variables}, optimizer.variables)
+
+
+def rng_variables(model: keras.Model) -> dict:
+    """Variables that are not weights (the seed generators' states, for dropout), keyed by the named
+    layer that owns them: seed generators are numbered per process, layers are named."""
+    weights = {id(v) for v in model.weights}
+    found, seen = {}, 0
+
+    def visit(layer):
+        nonlocal seen
+        if isinstance(layer, keras.Model):
+            for sublayer in layer.layers:
+                visit(sublayer)
+            return
+        for variable in layer.variables:
+            if id(variable) not in weights:
+                found[f"{layer.name}/{variable.name}"] = variable
+                seen += 1
+
+    visit(model)
+    return _unique(found, [None] * seen)
+
+
+def _unique(keyed: dict, variables) -> dict:
+    if len(keyed) != len(variables):
+        raise ValueError(f"{len(variables)} variables map to {len(keyed)} keys; they cannot be checkpointed "
+                         "by path.")
+    return keyed
+
+
+def _arrays(keyed: dict) -> dict:
+    return {key: np.asarray(variable.numpy()) for key, variable in keyed.items()}
+
+
+def assign_by_path(variables: dict, path: str) -> str | None:
+    """Assign each variable (keyed as optimizer_variables and rng_variables key them) the array saved
+    under its key; all or nothing.
+
+    Returns None on success, else why nothing was assigned (a missing, extra or reshaped variable).
+    """
+    if not os.path.exists(path):
+        return f"{os.path.basename(path)} is missing"
+    with np.load(path) as saved:
+        stored = {name: saved[name] for name in saved.files}
+    if set(variables) != set(stored):
+        missing, extra = sorted(set(variables) - set(stored)), sorted(set(stored) - set(variables))
+        return (f"not saved: {', '.join(missing[:3]) or 'none'}; "
+                f"not in this model: {', '.join(extra[:3]) or 'none'}")
+    for name, variable in variables.items():
+        if tuple(variable.shape) != stored[name].shape:
+            return f"{name} has shape {tuple(variable.shape)}, saved {stored[name].shape}"
+    for name, variable in variables.items():
+        variable.assign(stored[name])
+    return None
+
+
+def _state_dir(model_dir: str, state: RunState) -> str:
+    return os.path.join(checkpoint_dir(model_dir), f"state-{state.save_id:06d}")
+
+
+def _remove_old_states(directory: str, keep: str):
+    """Older states are only garbage once the pointer names the new one."""
+    for name in os.listdir(directory):
+        if name.startswith("state-") and name != keep:
+            shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+
+
+def save_weights(model: keras.Model, path: str):
+    """The classifier's weights as a `.weights.h5` file, replaced atomically."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with files.atomic_path(path, suffix=".weights.h5") as tmp:
+        model.save_weights(tmp)
+
+
+class TrainingCheckpoint(keras.callbacks.Callback):
+    """Save resumable state at each epoch end (and every `save_every_steps` steps), plus the
+    classifier's latest and best (by validation accuracy) weights for evaluate and export.
+
+    Phase 1 may fit a head-only model on cached features, so this saves `classifier` explicitly
+    rather than whatever model fit() is running; the optimizer comes from the fitted model.
+    `step_offset` is the number of steps of the current epoch done before this fit() began (a
+    mid-epoch resume); each fit() gets its own callback.
+    """
+
+    def __init__(self, classifier: keras.Model, model_dir: str, state: RunState, steps_per_epoch: int,
+                 save_every_steps: int | None = None, step_offset: int = 0, monitor: str = "val_accuracy"):
+        super().__init__()
+        self.classifier = classifier
+        self.model_dir = model_dir
+        self.state = state
+        self.steps_per_epoch = steps_per_epoch
+        self.save_every_steps = save_every_steps
+        self.step_offset = step_offset
+        self.monitor = monitor
+
+    def on_train_batch_end(self, batch, logs=None):
+        done = self.step_offset + batch + 1
+        if self.save_every_steps and done % self.save_every_steps == 0 and done < self.steps_per_epoch:
+            self.state.step = done
+            save_state(self.model_dir, self.state, self.classifier, self.model)
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        self.step_offset = 0  # Later epochs of this fit() start at their first step.
+        directory = checkpoint_dir(self.model_dir)
+        save_weights(self.classifier, os.path.join(directory, LATEST))
+        value = logs.get(self.monitor)
+        if value is not None and value > self.state.best_value:
+            self.state.best_value = float(value)
+            save_weights(self.classifier, os.path.join(directory, BEST))
+        self.state.epoch, self.state.step = epoch + 1, 0
+        save_state(self.model_dir, self.state, self.classifier, self.model)

@@ -1,0 +1,103 @@
+"""The library's entry point: one Config in, the mode it names run, its metrics out.
+
+The strategy comes first, then the data, then the model inside the strategy's scope, as
+tf.distribute requires. `strategy` and `splits` can be injected by tests and embedding code.
+"""
+
+import dataclasses
+import os
+import shutil
+
+from absl import logging
+import keras
+import tensorflow as tf
+
+from tl_keras.config import Config
+from tl_keras.data import pipeline
+from tl_keras.errors import UserError
+from tl_keras.model import classifier
+from tl_keras.reporting import evaluation
+from tl_keras.serving import predict as predict_lib
+from tl_keras.training import checkpointing
+from tl_keras.training import datasets
+from tl_keras.training import distribute
+from tl_keras.training import multi_worker_compat
+from tl_keras.training import phases
+from tl_keras.training import run_dir
+
+
+def run(config: Config, strategy: tf.distribute.Strategy | None = None,
+        splits: pipeline.Splits | None = None) -> dict:
+    """Run config.mode and return the metrics it wrote."""
+    run_dir.check_paths(config)
+    if config.mode == "predict":
+        return predict_lib.run(config)  # The exported SavedModel alone: no strategy, data or model code.
+    strategy = strategy or distribute.get_strategy(config.distribution_strategy, config.num_gpus, config.tpu)
+    distribute.check_batch_size(config.batch_size, strategy)
+    multi_worker_compat.install(strategy)
+    precision = distribute.resolve_precision(config.mixed_precision, strategy)
+    distribute.check_combination(precision, config.jit_compile, strategy)
+    keras.mixed_precision.set_global_policy(precision)
+    own_dir = distribute.worker_model_dir(config.model_dir, strategy)
+    if own_dir != config.model_dir:
+        logging.info("Not the chief: writing to %s instead of %s.", own_dir, config.model_dir)
+        config = dataclasses.replace(config, model_dir=own_dir)
+    try:
+        return _run(config, strategy, splits, precision)
+    finally:
+        if not distribute.is_chief(strategy):
+            shutil.rmtree(config.model_dir, ignore_errors=True)
+
+
+def _run(config: Config, strategy, splits, precision: str) -> dict:
+    run_dir.prepare(config)
+    if precision != "float32":
+        logging.info("Mixed precision: %s.", precision)
+    if config.scale_lr_with_batch and strategy.num_replicas_in_sync > 1:
+        replicas = strategy.num_replicas_in_sync
+        config = dataclasses.replace(config, head_learning_rate=config.head_learning_rate * replicas,
+                                     finetune_learning_rate=config.finetune_learning_rate * replicas)
+        logging.info("Learning rates scaled by %d replicas: %g (head), %g (fine-tune).", replicas,
+                     config.head_learning_rate, config.finetune_learning_rate)
+    if config.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    keras.utils.set_random_seed(config.seed)
+    if config.mode == "train":
+        state = checkpointing.load_state(config.model_dir)
+        if state is not None and state.phase == "done":
+            logging.info("The run in %s has finished; nothing to do. Pass --overwrite to start fresh.",
+                         config.model_dir)
+            return run_dir.read_metrics(config.model_dir)
+    if splits is None:
+        splits = datasets.load_splits(config)
+    run_dir.write_labels(config.model_dir, splits.class_names)
+    data = datasets.build_data(config, splits)
+    if config.mode == "train":
+        return phases.train_and_export(config, strategy, data)
+    model = restore_classifier(config, strategy, splits.num_classes)
+    if config.mode == "evaluate":
+        result = evaluation.evaluate(model, data.test, data.eval_steps, config.label_smoothing)
+        report = evaluation.write_report(result, splits.test, splits.class_names,
+                                         os.path.join(config.model_dir, run_dir.EVAL_DIR), config.test_split)
+        metrics = {"test": evaluation.prefixed(result.metrics, "test")}
+        run_dir.update_metrics(config.model_dir, metrics)
+        return dict(metrics, report=report)
+    return {"export_path": phases.export(model, config, splits.class_names)}
+
+
+def restore_classifier(config: Config, strategy, num_classes: int) -> keras.Model:
+    """Rebuild the classifier and load the chosen checkpoint, for evaluate and export modes."""
+    name = checkpointing.BEST if config.checkpoint == "best" else checkpointing.LATEST
+    path = os.path.join(checkpointing.checkpoint_dir(config.model_dir), name)
+    if not os.path.isfile(path):
+        raise UserError(f"--mode={config.mode} needs a trained model_dir with {path}; train first. "
+                        f"Received: model_dir={config.model_dir}")
+    with strategy.scope():
+        model = classifier.build_classifier(
+            config.backbone, config.image_size, num_classes, "none",
+            config.head_units, config.head_batchnorm, config.dropout,
+            matmul_small_convs=distribute.computes_on_cpu(strategy))
+        model.load_weights(path)
+        phases.compile_classifier(model, config.head_learning_rate, config, num_classes)
+    logging.info("Loaded %s.", path)
+    return model
