@@ -11,12 +11,31 @@ _cpus = tf.config.list_physical_devices("CPU")
 tf.config.set_logical_device_configuration(
     _cpus[0], [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()])
 
+import socket  # noqa: E402
+
 import pytest  # noqa: E402
 import tensorflow_datasets as tfds  # noqa: E402
 
 from tl_keras import config as config_lib  # noqa: E402
 
 from helpers import CLASS_NAMES, make_examples, make_splits  # noqa: E402
+
+
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    """Tests never touch the network: an in-process connection to anything but this machine fails,
+    as it would offline (the TensorBoard server test talks to localhost)."""
+    connect = socket.create_connection
+
+    def loopback_only(address, *args, **kwargs):
+        if address[0] not in _LOOPBACK:
+            raise OSError(f"tests do not use the network (asked for {address[0]})")
+        return connect(address, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "create_connection", loopback_only)
 
 
 @pytest.fixture

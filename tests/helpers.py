@@ -156,3 +156,32 @@ def make_image_folder(root, classes=None, bad=True, seed=0, size=(36, 44)) -> di
     if bad:
         counts["cat"] += 1
     return counts
+
+
+def exif_jpeg(array: np.ndarray, orientation: int, quality: int = 100) -> bytes:
+    """JPEG bytes whose EXIF says how to turn the stored pixels upright, as a phone camera writes."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return encode(array, "JPEG", quality=quality, exif=exif.tobytes())
+
+
+def upright(array: np.ndarray, orientation: int) -> np.ndarray:
+    """What PIL's ImageOps.exif_transpose makes of stored pixels with this EXIF orientation."""
+    from PIL import ImageOps
+
+    image = Image.fromarray(array)
+    image.getexif()[0x0112] = orientation
+    return np.asarray(ImageOps.exif_transpose(image))
+
+
+def fake_unreadable_folders(monkeypatch, names):
+    """Listing a folder whose name is in `names` fails with EACCES, as for a chmod 000 folder that a
+    non-root user cannot open (tests may run as root, which reads everything)."""
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if os.path.basename(os.fsdecode(path).rstrip(os.sep)) in names:
+            raise PermissionError(13, "Permission denied", os.fsdecode(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)

@@ -80,3 +80,22 @@ def test_state_round_trips_weights_optimizer_and_rng(tmp_path):
     for a, b in zip(model.optimizer.variables, fresh.optimizer.variables):
         np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
     assert sorted(os.listdir(checkpointing.checkpoint_dir(str(tmp_path)))) == ["state-000001", "state.json"]
+
+
+def test_a_state_newer_than_the_pointer_does_not_block_the_next_save(tmp_path):
+    """A kill between the rename of state-N and the write of state.json leaves state-N behind, with
+    the pointer at N-1. The next save writes state-N again and must replace that leftover."""
+    model = _trained_model(seed=0)
+    model_dir = str(tmp_path)
+    checkpointing.save_state(model_dir, checkpointing.RunState(epoch=1), model, model)
+    leftover = os.path.join(checkpointing.checkpoint_dir(model_dir), "state-000002")
+    os.makedirs(leftover)
+    with open(os.path.join(leftover, checkpointing.MODEL_FILE), "wb") as f:
+        f.write(b"half of an older attempt")
+    state = checkpointing.load_state(model_dir)
+    state.epoch = 2
+    checkpointing.save_state(model_dir, state, model, model)
+    assert checkpointing.load_state(model_dir).save_id == 2
+    fresh = _trained_model(seed=1)
+    assert checkpointing.restore(model_dir, checkpointing.load_state(model_dir), fresh, fresh)
+    assert sorted(os.listdir(checkpointing.checkpoint_dir(model_dir))) == ["state-000002", "state.json"]

@@ -117,14 +117,20 @@ OLD_RESUME_MAY_CHANGE = {
 }
 OLD_ARCHITECTURE = {"backbone", "image_size", "head_units", "head_batchnorm", "dataset"}
 OLD_NOT_HPARAMS = {"model_dir", "mode", "data_dir"}
+# Fields added since, with the lifetime each was given on purpose.
+ADDED_SINCE = {"max_image_pixels": config_lib.RUNTIME}
 
 
 def test_lifetimes_accept_what_the_old_name_sets_accepted():
-    assert config_lib.names(config_lib.RUNTIME, config_lib.LOCATION) == OLD_RESUME_MAY_CHANGE
-    assert config_lib.names(config_lib.ARCHITECTURE) == OLD_ARCHITECTURE
-    assert config_lib.names(config_lib.LOCATION) == OLD_NOT_HPARAMS
+    added = {lifetime: {name for name, life in ADDED_SINCE.items() if life == lifetime}
+             for lifetime in config_lib.LIFETIMES}
+    assert config_lib.names(config_lib.RUNTIME, config_lib.LOCATION) == (
+        OLD_RESUME_MAY_CHANGE | added[config_lib.RUNTIME] | added[config_lib.LOCATION])
+    assert config_lib.names(config_lib.ARCHITECTURE) == OLD_ARCHITECTURE | added[config_lib.ARCHITECTURE]
+    assert config_lib.names(config_lib.LOCATION) == OLD_NOT_HPARAMS | added[config_lib.LOCATION]
     everything = {field.name for field in dataclasses.fields(config_lib.Config)}
-    assert config_lib.names(config_lib.EXPERIMENT) == everything - OLD_RESUME_MAY_CHANGE - OLD_ARCHITECTURE
+    assert config_lib.names(config_lib.EXPERIMENT) == (
+        everything - OLD_RESUME_MAY_CHANGE - OLD_ARCHITECTURE - set(ADDED_SINCE)) | added[config_lib.EXPERIMENT]
 
 
 def test_every_field_declares_one_group_and_one_lifetime():
@@ -193,3 +199,15 @@ def test_missing_dataset_folder_is_refused(make_config, tmp_path):
                f"Received: dataset={dataset}")
     with pytest.raises(UserError, match=re.escape(message)):
         run_dir.check_paths(make_config(dataset=dataset))
+
+
+@pytest.mark.parametrize("name, value", [
+    ("head_learning_rate", float("inf")), ("finetune_learning_rate", float("nan")),
+    ("finetune_warmup_epochs", float("nan")), ("finetune_warmup_epochs", float("inf")),
+    ("dropout", float("nan")), ("label_smoothing", float("nan")), ("validation_split", float("nan")),
+    ("test_split_fraction", float("nan")), ("min_accuracy", float("nan")),
+])
+def test_non_finite_floats_are_refused(make_config, name, value):
+    """A learning rate of inf or a warmup of nan would pass every range check and fail hours later."""
+    with pytest.raises(UserError, match=rf"--{name} must be a finite number. Received: {name}={value}"):
+        make_config(**{name: value})

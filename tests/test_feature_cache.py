@@ -1,6 +1,7 @@
 """The feature cache: stored activations read back exactly, whether held in memory or memory-mapped."""
 
 import os
+import shutil
 
 import keras
 import numpy as np
@@ -8,6 +9,7 @@ import pytest
 import tensorflow as tf
 
 from tl_keras.data import feature_cache
+from tl_keras.errors import UserError
 
 
 def _arrays(n=21, shape=(2, 2, 3), seed=0):
@@ -64,3 +66,23 @@ def test_extracted_activations_are_stored_once_and_reused(tmp_path):
     failing = keras.Model(inputs, keras.layers.Lambda(lambda x: x[:, 0, 0] / 0.0)(inputs))
     (again,) = cache.get(["gap"], "train", False, failing, batches, 10)  # Read back, not extracted.
     np.testing.assert_array_equal(again, stored)
+
+
+def test_too_little_free_disk_is_refused_in_one_line_before_writing(tmp_path, monkeypatch):
+    """A memory map over a full disk dies with SIGBUS mid-write; the cache checks the space first."""
+    inputs = keras.Input((4, 4, 3))
+    extractor = keras.Model(inputs, keras.layers.Flatten()(inputs))
+    images = np.zeros((10, 4, 4, 3), np.float32)
+    batches = tf.data.Dataset.from_tensor_slices((images, tf.one_hot(np.arange(10) % 3, 3))).batch(4)
+    cache = feature_cache.FeatureCache(str(tmp_path), {"test": 1})
+    free = 10 * 48 * 4  # Exactly the activations' bytes: no margin left.
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(1 << 40, 0, free))
+    with pytest.raises(UserError) as error:
+        cache.get(["flat"], "train", False, extractor, batches, 10)
+    message = str(error.value)
+    assert "\n" not in message and "feature cache" in message and "free" in message
+    assert message.endswith(f"Received: feature_cache={cache.directory}")
+    assert not [name for name in os.listdir(cache.directory) if name.endswith(".npy")]
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(1 << 40, 0, 1 << 40))
+    (stored,) = cache.get(["flat"], "train", False, extractor, batches, 10)
+    assert stored.shape == (10, 48)

@@ -13,12 +13,14 @@ import tensorflow as tf
 from tl_keras import files
 from tl_keras import flags as tl_flags
 from tl_keras.data import folder_dataset
+from tl_keras.data import image_files
 from tl_keras.data import pipeline
 from tl_keras.errors import UserError
 from tl_keras.training import run as train
 from tl_keras.training import run_dir
 
-from helpers import BAD_FILES, CLASSES, animated_gif, encode, make_image_folder, photo, run_cli, write
+from helpers import (BAD_FILES, CLASSES, animated_gif, encode, exif_jpeg, fake_unreadable_folders,
+                     make_image_folder, photo, run_cli, upright, write)
 
 
 @pytest.fixture(scope="module")
@@ -286,3 +288,188 @@ def test_cli_on_a_messy_folder(tmp_path, messy_folder):
     out = saved.signatures["serving_default"](images=tf.constant(photo(1, 0)[None]))
     assert out["class_names"].numpy()[0].decode() in CLASSES
 
+
+
+# Hostile names, links and folders: each is a skipped file or folder with its reason, never a traceback.
+
+def _skipped_lines(caplog):
+    (warning,) = [m for m in _warnings(caplog) if m.startswith("Skipped")]
+    return warning
+
+
+def test_a_file_name_that_is_not_utf8_is_skipped_with_its_reason(tmp_path, caplog):
+    make_image_folder(tmp_path, {"a": 3, "b": 3}, bad=False)
+    write(os.fsdecode(os.fsencode(str(tmp_path / "a")) + b"/caf\xe9.jpg"), encode(photo(0, 1), "JPEG"))
+    with caplog.at_level(logging.INFO, logger="absl"):
+        splits = folder_dataset.load_folder(str(tmp_path), 0.0, 0.34)
+    assert splits.num_train + splits.num_test == 6
+    assert len(_examples(splits.train)) == splits.num_train
+    assert "a/caf\\xe9.jpg: file name is not valid UTF-8" in _skipped_lines(caplog)
+    bad_name = r"caf\\xe9.jpg \(file name is not valid UTF-8\).*Received: strict=True"
+    with pytest.raises(UserError, match=bad_name):
+        folder_dataset.load_folder(str(tmp_path), 0.0, 0.34, strict=True)
+
+
+def test_symlink_loops_and_unreadable_folders_are_skipped_with_their_reason(tmp_path, monkeypatch, caplog):
+    make_image_folder(tmp_path, {"a": 3, "b": 3}, bad=False)
+    os.symlink("loop", tmp_path / "loop")  # At class level: is_dir() itself raises.
+    make_image_folder(tmp_path / "a" / "locked", {"inner": 2}, bad=False)  # A subfolder of a class.
+    make_image_folder(tmp_path / "locked class", {"x": 2}, bad=False)  # A whole class folder.
+    os.makedirs(os.fsencode(str(tmp_path)) + b"/\xff class")  # A class folder named in Latin-1.
+    os.symlink("gone.jpg", tmp_path / "b" / "dangling.jpg")
+    fake_unreadable_folders(monkeypatch, {"locked", "locked class"})
+    with caplog.at_level(logging.INFO, logger="absl"):
+        splits = folder_dataset.load_folder(str(tmp_path), 0.0, 0.34)
+    assert splits.class_names == ["a", "b"]
+    assert splits.num_train + splits.num_test == 6
+    warning = _skipped_lines(caplog)
+    assert warning.startswith("Skipped 1 of 7 images, and 4 folders, that cannot be read")
+    for line in ("loop/: cannot be read (Too many levels of symbolic links)",
+                 "locked class/: cannot be listed (Permission denied)",
+                 "a/locked/: cannot be listed (Permission denied)",
+                 "\\xff class/: folder name is not valid UTF-8",
+                 "b/dangling.jpg: cannot be read (No such file or directory)"):
+        assert line in warning, line
+    with pytest.raises(UserError) as error:
+        folder_dataset.load_folder(str(tmp_path), 0.0, 0.34, strict=True)
+    message = str(error.value)
+    assert "\n" not in message and message.endswith("Received: strict=True")
+    assert message.startswith("1 of 7 images and 4 folders are unreadable (--strict): ")
+
+
+# EXIF orientation and the pixel limit, read from the file's first bytes.
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_is_read_and_undone_as_pil_does(orientation):
+    stored = photo(0, orientation, (6, 10))
+    data = exif_jpeg(stored, orientation)
+    assert image_files.exif_orientation(data) == orientation
+    expected = upright(stored, orientation)
+    np.testing.assert_array_equal(image_files.apply_orientation(tf.constant(stored), orientation), expected)
+    # The same inside a tf.data graph, with the orientation as a tensor.
+    ds = tf.data.Dataset.from_tensors((stored, orientation)).map(image_files.apply_orientation)
+    (in_graph,) = list(ds.as_numpy_iterator())
+    np.testing.assert_array_equal(in_graph, expected)
+
+
+def test_exif_orientation_defaults_to_1_and_reads_big_endian_tiff():
+    assert image_files.exif_orientation(encode(photo(0, 1), "JPEG")) == 1
+    assert image_files.exif_orientation(encode(photo(0, 1), "PNG")) == 1
+    assert image_files.exif_orientation(exif_jpeg(photo(0, 1), 6)[:30]) == 1  # Truncated.
+    assert image_files.exif_orientation(b"") == 1
+    # Motorola byte order, one IFD entry: tag 0x0112, SHORT, count 1, value 8.
+    tiff = b"MM\x00\x2a\x00\x00\x00\x08" + b"\x00\x01" + b"\x01\x12\x00\x03\x00\x00\x00\x01\x00\x08\x00\x00"
+    app1 = b"Exif\x00\x00" + tiff
+    jpeg = b"\xff\xd8\xff\xe1" + (len(app1) + 2).to_bytes(2, "big") + app1 + b"\xff\xda\x00\x02"
+    assert image_files.exif_orientation(jpeg) == 8
+
+
+@pytest.mark.parametrize("fmt, kwargs", [
+    ("JPEG", {}), ("JPEG", {"progressive": True}), ("PNG", {}), ("GIF", {}), ("BMP", {}),
+    ("WEBP", {"lossless": True}), ("WEBP", {"quality": 80}), ("WEBP", {"exif": b"Exif\x00\x00II*\x00"}),
+])
+def test_header_size_reads_height_and_width_without_decoding(fmt, kwargs):
+    data = encode(photo(0, 1, (37, 53)), fmt, **kwargs)
+    assert image_files.header_size(data) == (37, 53)
+    assert image_files.header_size(data[:8]) is None
+
+
+def test_header_size_of_unknown_or_top_down_data():
+    assert image_files.header_size(b"shopping list") is None
+    assert image_files.header_size(encode(photo(0, 1), "TIFF")) is None
+    bmp = bytearray(encode(photo(0, 1, (5, 7)), "BMP"))
+    bmp[22:26] = (-5).to_bytes(4, "little", signed=True)  # Rows stored top-down.
+    assert image_files.header_size(bytes(bmp)) == (5, 7)
+
+
+def test_folder_images_are_turned_upright(tmp_path):
+    stored = photo(0, 3, (20, 30))
+    write(str(tmp_path / "a" / "phone.jpg"), exif_jpeg(stored, 6))
+    write(str(tmp_path / "a" / "phone too.jpg"), exif_jpeg(stored, 6))
+    for name in ("plain.png", "plain too.png"):
+        write(str(tmp_path / "b" / name), encode(photo(1, 4, (20, 30)), "PNG"))
+    splits = folder_dataset.load_folder(str(tmp_path), 0.0, 0.5, seed=0)
+    images = _examples(splits.train) + _examples(splits.test)
+    turned = upright(folder_dataset.decode_image(tf.constant(exif_jpeg(stored, 1))).numpy(), 6)
+    assert turned.shape == (30, 20, 3)
+    for image, label in images:
+        if label == 0:
+            np.testing.assert_array_equal(image, turned)
+        else:
+            assert image.shape == (20, 30, 3)
+
+
+def test_images_over_the_pixel_limit_are_refused_before_decoding(tmp_path, caplog):
+    make_image_folder(tmp_path, {"a": 3, "b": 3}, bad=False)
+    write(str(tmp_path / "a" / "panorama.jpg"), encode(photo(0, 1, (20, 300)), "JPEG"))
+    # A header that announces 100,000 x 100,000 pixels: decoding it would try to allocate 30 GB.
+    huge = encode(photo(0, 1, (4, 4)), "PNG")
+    huge = huge[:16] + (100_000).to_bytes(4, "big") * 2 + huge[24:]
+    write(str(tmp_path / "b" / "bomb.png"), huge)
+    with caplog.at_level(logging.INFO, logger="absl"):
+        splits = folder_dataset.load_folder(str(tmp_path), 0.0, 0.34, max_image_pixels=5000)
+    assert splits.num_train + splits.num_test == 6
+    warning = _skipped_lines(caplog)
+    assert "a/panorama.jpg: 300 x 20 pixels, over --max_image_pixels" in warning
+    assert "b/bomb.png: 100000 x 100000 pixels, over --max_image_pixels" in warning
+    assert folder_dataset.load_folder(str(tmp_path), 0.0, 0.34).num_train == 5  # The default limit: 50 MP.
+    with pytest.raises(UserError, match=r"over --max_image_pixels.*Received: strict=True"):
+        folder_dataset.load_folder(str(tmp_path), 0.0, 0.34, strict=True, max_image_pixels=5000)
+
+
+def test_the_check_is_remembered_for_unchanged_files(tmp_path):
+    make_image_folder(tmp_path / "data", {"a": 3, "b": 3}, bad=False)
+    root, memo = str(tmp_path / "data"), str(tmp_path / "memo")
+    first = folder_dataset.load_folder(root, 0.0, 0.34, check_cache_dir=memo)
+    assert len(os.listdir(memo)) == 1
+    # Same size and time: trusted without decoding; the pipeline stands in for it if it breaks.
+    trusted = tmp_path / "data" / "a" / "0.jpg"
+    stat = trusted.stat()
+    trusted.write_bytes(b"x" * stat.st_size)
+    os.utime(trusted, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    # Changed: checked again, and now skipped.
+    changed = sorted((tmp_path / "data" / "b").iterdir())[0]
+    changed.write_bytes(b"not an image any more")
+    again = folder_dataset.load_folder(root, 0.0, 0.34, check_cache_dir=memo)
+    assert first.num_train + first.num_test == 6 and again.num_train + again.num_test == 5
+    without = folder_dataset.load_folder(root, 0.0, 0.34)  # No memo: every file decoded.
+    assert without.num_train + without.num_test == 4
+
+
+# The in-memory cache of preprocessed images: its size is logged, and it is bounded.
+
+def _counting_examples(n):
+    """n images, and a counter of how many times any of them was produced."""
+    produced = tf.Variable(0, dtype=tf.int64)
+
+    def make(i):
+        produced.assign_add(1)
+        return tf.fill([4, 4, 3], tf.cast(i, tf.uint8)), i
+
+    examples = tf.data.Dataset.range(n).map(make).apply(tf.data.experimental.assert_cardinality(n))
+    return examples, produced
+
+
+def _preprocess(image):
+    return tf.image.resize(image, (2, 2)) / 255.0
+
+
+def test_preprocess_and_cache_logs_the_expected_size_and_caches_below_the_bound(caplog):
+    examples, produced = _counting_examples(10)
+    with caplog.at_level(logging.INFO, logger="absl"):
+        ds = pipeline.preprocess_and_cache(examples, _preprocess)
+    first, second = list(ds.as_numpy_iterator()), list(ds.as_numpy_iterator())
+    assert int(produced.numpy()) == 10  # Decoded once, read back from memory the second time.
+    assert all(np.array_equal(a[0], b[0]) for a, b in zip(first, second))
+    assert "Caching 10 preprocessed examples in memory (480 bytes" in caplog.text
+
+
+def test_preprocess_and_cache_does_not_cache_above_the_bound(monkeypatch, caplog):
+    monkeypatch.setattr(pipeline, "MEMORY_CACHE_BYTES", 100)
+    examples, produced = _counting_examples(10)
+    with caplog.at_level(logging.INFO, logger="absl"):
+        ds = pipeline.preprocess_and_cache(examples, _preprocess)
+    first, second = list(ds.as_numpy_iterator()), list(ds.as_numpy_iterator())
+    assert int(produced.numpy()) == 20  # Preprocessed again each pass, nothing held.
+    assert all(np.array_equal(a[0], b[0]) for a, b in zip(first, second))
+    assert "Not caching 10 preprocessed examples: 480 bytes expected, over the in-memory bound" in caplog.text

@@ -1,5 +1,7 @@
 """tf.data pipelines: seeded hold-out, augmentation randomness, train/eval agreement, TFDS loading."""
 
+import socket
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -133,3 +135,18 @@ def test_failed_download_says_how_to_run_offline(monkeypatch, tmp_path):
         tfds_dataset.load_tfds("cifar10", str(tmp_path), "train", "test", 0.1, 0)
     message = str(error.value)
     assert "--data_dir" in message and "\n" not in message
+
+
+def test_no_network_is_found_in_seconds_without_download_retries(monkeypatch, tmp_path):
+    """Offline, an unprepared dataset used to spend minutes in download retries before the one-line
+    error. One short connection attempt decides; the download is never started."""
+    def no_route(address, timeout=None):
+        assert timeout is not None and timeout <= 5, timeout
+        raise OSError("Network is unreachable")
+
+    monkeypatch.setattr(socket, "create_connection", no_route)
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "_download_and_prepare",
+                        lambda *a, **k: pytest.fail("started a download without a network"))
+    with pytest.raises(UserError, match=r"Could not download or prepare TFDS dataset 'cifar10' \(no network: "
+                                        r".*www.cs.toronto.edu.*\). To run offline, pass --data_dir"):
+        tfds_dataset.load_tfds("cifar10", str(tmp_path), "train", "test", 0.1, 0)

@@ -2,7 +2,8 @@
 
     main, flags            the command line (only they touch FLAGS; only main touches absl.app)
     training               the run: modes, phases, run directory, checkpoints, strategies
-    reporting, serving     evaluation, images and TensorBoard; export and predict
+    reporting, serving     evaluation, images and TensorBoard; export and predict (which decode images
+                           as data/ does)
     data, model            where examples come from; backbones and the classifier
     config                 the validated settings (it reads the backbone registry, plain data)
     errors, files          the one user-facing error, the one atomic writer
@@ -24,7 +25,7 @@ ALLOWED = {
     "data": {"errors", "files", "config"},
     "model": {"errors", "files"},
     "reporting": {"errors", "files", "config", "data", "model"},
-    "serving": {"errors", "files", "config", "model"},
+    "serving": {"errors", "files", "config", "data", "model"},
     "training": {"errors", "files", "config", "data", "model", "reporting", "serving"},
     "flags": {"errors", "config", "model.registry"},
     "main": {"errors", "flags", "training"},

@@ -1,6 +1,7 @@
 """Interrupted runs: SIGKILL a real CLI run at several points, rerun it, and compare the result with
 an uninterrupted run (in --deterministic mode they must agree)."""
 
+import glob
 import json
 import os
 import signal
@@ -41,6 +42,16 @@ def _export_in_progress(model_dir):
     return os.path.isdir(root) and any(name.endswith(".tmp") for name in os.listdir(root))
 
 
+def _saving(model_dir):
+    """Inside a save_state that follows an earlier one: a checkpoint under its temporary name."""
+    directory = os.path.join(model_dir, "checkpoints")
+    try:
+        return (_state(model_dir) or {}).get("save_id", 0) >= 1 and any(
+            name.endswith(".tmp") for name in os.listdir(directory))
+    except OSError:
+        return False
+
+
 KILL_POINTS = {
     # In phase 1, mid-epoch: one epoch and part of the next done.
     "phase1": lambda d: (_state(d) or {}).get("epoch") == 1 and _state(d).get("step") == 2,
@@ -52,7 +63,22 @@ KILL_POINTS = {
     and _state(d).get("epoch") == HEAD_EPOCHS + 1,
     # While the SavedModel is being written.
     "export": _export_in_progress,
+    # Inside save_state; the rerun also finds the leftovers of other kills (see _plant_leftovers).
+    "save_state": _saving,
 }
+
+
+def _plant_leftovers(model_dir):
+    """What a kill at a worse moment leaves: a state directory newer than the pointer (killed between
+    its rename and the pointer's write), and an event file whose last record is torn."""
+    state = _state(model_dir)
+    newer = os.path.join(model_dir, "checkpoints", f"state-{state['save_id'] + 1:06d}")
+    os.makedirs(newer, exist_ok=True)
+    with open(os.path.join(newer, "model.weights.h5"), "wb") as f:
+        f.write(b"torn")
+    events = sorted(glob.glob(os.path.join(model_dir, "logs", "train", "events.out.tfevents.*")))
+    with open(events[-1], "ab") as f:
+        f.write(b"\x20\x00\x00\x00\x00\x00\x00\x00half a record")
 
 
 def _run_and_kill(args, model_dir, condition, timeout=300):
@@ -97,6 +123,8 @@ def test_resume_after_sigkill_matches_uninterrupted(point, tmp_path, tiny_tfds_d
     args = _args(tiny_tfds_dir, model_dir)
     killed_at = _run_and_kill(args, str(model_dir), KILL_POINTS[point])
     assert killed_at is not None and killed_at["phase"] != "done", killed_at
+    if point == "save_state":
+        _plant_leftovers(str(model_dir))
 
     result = run_cli(*args)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -139,3 +167,41 @@ def test_resume_with_other_settings_lists_the_differences(tmp_path, tiny_tfds_di
     line = changed.stderr.strip().splitlines()[-1]
     assert "batch_size: 4 -> 8" in line and "head_learning_rate: 0.001 -> 0.5" in line
     assert "Traceback" not in changed.stderr
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_sigterm_and_sigint_save_the_step_and_exit_cleanly(signum, code, tmp_path, tiny_tfds_dir,
+                                                           uninterrupted):
+    """Preemption (SIGTERM) and Ctrl-C (SIGINT) mid-epoch: finish the step, save it, say so in one
+    line, exit 128 + signal; the rerun resumes from that step and ends like an uninterrupted run."""
+    model_dir = tmp_path / "run"
+    args = _args(tiny_tfds_dir, model_dir)
+    env = dict(os.environ, PYTHONPATH=REPO)
+    process = subprocess.Popen([sys.executable, "-m", "tl_keras.main", *args], cwd=REPO, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while not KILL_POINTS["phase1"](str(model_dir)):  # One epoch and two steps of the next done.
+            assert process.poll() is None, process.stderr.read()[-2000:]
+            assert time.time() < deadline, "never reached the middle of epoch 2"
+            time.sleep(0.005)
+        process.send_signal(signum)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == code, stderr[-3000:]
+    assert "Traceback" not in stderr
+    stopped = [line for line in stderr.splitlines() if f"Stopped by {signal.Signals(signum).name}" in line]
+    assert len(stopped) == 1 and "run the same command again to resume" in stopped[0], stderr[-3000:]
+    state = _state(model_dir)
+    assert (state["epoch"], state["step"]) > (1, 2), state  # It saved the step it had reached.
+
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"{state['epoch']} epochs and {state['step']} steps done" in result.stderr
+    metrics = json.loads((model_dir / "metrics.json").read_text())
+    for phase in ("head", "finetune"):
+        for key in ("test_accuracy", "test_loss"):
+            assert metrics[phase][key] == pytest.approx(uninterrupted[phase][key], abs=1e-4), (phase, key)

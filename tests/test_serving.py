@@ -4,9 +4,11 @@
 import dataclasses
 import json
 import os
+import struct
 import subprocess
 import sys
 import warnings
+import zlib
 
 import numpy as np
 import pytest
@@ -16,10 +18,11 @@ from tl_keras import config as config_lib
 from tl_keras.errors import UserError
 from tl_keras.model import backbones
 from tl_keras.model import classifier
+from tl_keras.serving import export as export_lib
 from tl_keras.serving import predict
 from tl_keras.training import run as train
 
-from helpers import CLASS_NAMES, make_examples, make_splits
+from helpers import CLASS_NAMES, encode, exif_jpeg, make_examples, make_splits, photo, upright
 
 
 def _config(model_dir, **overrides):
@@ -209,3 +212,133 @@ def test_predict_errors_are_user_errors(trained, tmp_path):
         train.run(_config(tmp_path / "empty", mode="predict", images=str(tmp_path)))
     with pytest.raises(UserError, match="Received: export_dir="):
         predict.find_export(None, str(tmp_path))
+
+
+def _png_bomb(width: int, height: int) -> bytes:
+    """A valid 1-bit grayscale PNG of zeros: 20000 x 20000 is a ~50 KB file that decodes to 1.2 GB RGB."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    compressor = zlib.compressobj(9)
+    row = bytes(1 + (width + 7) // 8)  # Filter byte, then the bits of one row.
+    idat = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def _memory_growth(fn):
+    """(fn(), how far the process's peak resident memory rose above its size before fn, in MB).
+
+    Linux resets the peak on request; where it cannot, the growth is None and not checked.
+    """
+    def status(key):
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(key + ":")) / 1024
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return fn(), None
+    before = status("VmRSS")
+    result = fn()
+    return result, status("VmHWM") - before
+
+
+def test_serve_bytes_refuses_an_image_over_the_limit_before_decoding(signatures):
+    bomb = _png_bomb(20000, 20000)
+    assert len(bomb) < 100_000
+
+    def call():
+        with pytest.raises(tf.errors.InvalidArgumentError, match="20000 x 20000 pixels is over "
+                           "max_image_pixels=50000000, the limit set at export"):
+            signatures["serve_bytes"](image_bytes=tf.constant([bomb]))
+    _, growth = _memory_growth(call)
+    assert growth is None or growth < 300, growth  # Decoding it would take 1200 MB.
+    images, _ = make_examples(1, seed=20)
+    good = signatures["serve_bytes"](image_bytes=tf.constant([tf.io.encode_png(images[0]).numpy()]))
+    assert good["probabilities"].shape == (1, len(CLASS_NAMES))
+
+
+def test_signatures_keep_no_full_size_float_copy(signatures):
+    """A 6000 x 6000 image is 108 MB as uint8 and would be 432 MB more as float32."""
+    pixels = tf.zeros([1, 6000, 6000, 3], tf.uint8)
+    served, growth = _memory_growth(lambda: signatures["serving_default"](images=pixels))
+    assert served["probabilities"].shape == (1, len(CLASS_NAMES))
+    assert growth is None or growth < 250, growth
+    encoded = tf.constant([_png_bomb(6000, 6000)])
+    served, growth = _memory_growth(lambda: signatures["serve_bytes"](image_bytes=encoded))
+    assert served["probabilities"].shape == (1, len(CLASS_NAMES))
+    assert growth is None or growth < 250, growth  # The decoded uint8 image only.
+
+
+def _encodings(array):
+    """The formats serve_bytes reads sizes from, each variant of header that TF decodes."""
+    return {"png": encode(array, "PNG"), "jpeg": encode(array, "JPEG"), "gif": encode(array, "GIF"),
+            "bmp": encode(array, "BMP"), "webp": encode(array, "WEBP"),
+            "webp lossless": encode(array, "WEBP", lossless=True),
+            "webp extended": encode(array, "WEBP", exif=b"Exif\x00\x00II*\x00\x08\x00\x00\x00\x00\x00")}
+
+
+def test_the_limit_is_baked_into_the_export_and_read_from_every_header(trained, tmp_path):
+    _, _, model = trained
+    export_path = export_lib.export_saved_model(
+        model, str(tmp_path / "export"), backbones.get_preprocessing("tiny", 32), CLASS_NAMES,
+        max_image_pixels=1000)
+    signatures = tf.saved_model.load(export_path).signatures
+    for name, data in _encodings(photo(1, 21, (30, 50))).items():  # 1500 pixels, width 50.
+        with pytest.raises(tf.errors.InvalidArgumentError,
+                           match="50 x 30 pixels is over max_image_pixels=1000, the limit set at export"):
+            signatures["serve_bytes"](image_bytes=tf.constant([data]))
+    for name, data in _encodings(photo(1, 22, (20, 30))).items():  # 600 pixels.
+        pixels = tf.io.decode_image(data, channels=3, expand_animations=False)
+        expected = signatures["serving_default"](images=pixels[tf.newaxis])["probabilities"]
+        served = signatures["serve_bytes"](image_bytes=tf.constant([data]))["probabilities"]
+        np.testing.assert_allclose(served.numpy(), expected.numpy(), atol=1e-6, err_msg=name)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="40 x 40 pixels is over"):
+        signatures["serve_bytes"](image_bytes=tf.constant([tf.io.encode_png(photo(0, 23, (40, 40))).numpy()]))
+
+
+def _predict(config, folder, capsys, **overrides):
+    result = train.run(dataclasses.replace(config, mode="predict", images=str(folder), **overrides))
+    lines = capsys.readouterr().out.strip().splitlines()
+    return {os.path.basename(r["image"]): (r, line) for r, line in zip(result["results"], lines)}
+
+
+def test_predict_refuses_images_over_the_limit_from_their_header(trained, signatures, tmp_path, capsys):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    (folder / "a_bomb.png").write_bytes(_png_bomb(20000, 20000))
+    small, square = photo(2, 24, (20, 30)), photo(0, 25, (40, 40))
+    (folder / "b_small.png").write_bytes(encode(small, "PNG"))
+    (folder / "c_square.png").write_bytes(encode(square, "PNG"))
+    results, growth = _memory_growth(lambda: _predict(trained[0], folder, capsys))
+    assert growth is None or growth < 300, growth  # Decoding the bomb would take 1200 MB.
+    item, line = results["a_bomb.png"]
+    assert item["error"] == "20000 x 20000 pixels is over --max_image_pixels=50000000"
+    assert line.endswith("ERROR: 20000 x 20000 pixels is over --max_image_pixels=50000000")
+    for name, pixels in (("b_small.png", small), ("c_square.png", square)):
+        served = signatures["serving_default"](images=tf.constant(pixels[None]))["probabilities"].numpy()[0]
+        got = {p["class_id"]: p["probability"] for p in results[name][0]["predictions"]}
+        np.testing.assert_allclose([got[i] for i in range(len(CLASS_NAMES))], served, atol=1e-6)
+
+    results = _predict(trained[0], folder, capsys, max_image_pixels=1000)
+    assert results["c_square.png"][0]["error"] == "40 x 40 pixels is over --max_image_pixels=1000"
+    assert "predictions" in results["b_small.png"][0]
+
+
+def test_predict_turns_photos_upright_by_their_exif_orientation(trained, signatures, tmp_path, capsys):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    pixels = photo(1, 26, (24, 40))
+    for orientation in range(1, 9):
+        (folder / f"{orientation}.jpg").write_bytes(exif_jpeg(pixels, orientation))
+    results = _predict(trained[0], folder, capsys, top_k=len(CLASS_NAMES))
+    for orientation in range(1, 9):
+        path = folder / f"{orientation}.jpg"
+        # The pixels TF decodes, as PIL's ImageOps.exif_transpose turns them.
+        expected = upright(tf.io.decode_jpeg(path.read_bytes()).numpy(), orientation)
+        assert expected.shape == ((24, 40, 3) if orientation < 5 else (40, 24, 3))
+        np.testing.assert_array_equal(np.asarray(predict.load_image(str(path))), expected,
+                                      err_msg=f"orientation {orientation}")
+        served = signatures["serving_default"](images=tf.constant(expected[None]))["probabilities"].numpy()[0]
+        got = {p["class_id"]: p["probability"] for p in results[path.name][0]["predictions"]}
+        np.testing.assert_allclose([got[i] for i in range(len(CLASS_NAMES))], served, atol=1e-6)

@@ -385,6 +385,23 @@ def test_trim_logs_drops_what_a_resumed_run_writes_again(tmp_path):
     assert _values(scalars["batch_loss"]) == pytest.approx([1.0, 0.5, 1 / 3])
 
 
+def test_trim_logs_keeps_what_a_truncated_event_file_holds(tmp_path):
+    """A kill or a full disk during a flush leaves a torn last record; TensorBoard reads past it, and
+    a resume must too, instead of failing with DataLossError at every attempt."""
+    log_dir = str(tmp_path / "logs")
+    writer = tf.summary.create_file_writer(os.path.join(log_dir, "train"))
+    with writer.as_default():
+        for epoch in range(4):
+            tf.summary.scalar("epoch_loss", 1.0 / (epoch + 1), step=epoch)
+    writer.close()
+    (path,) = glob.glob(os.path.join(log_dir, "train", "events.out.tfevents.*"))
+    with open(path, "rb+") as f:
+        f.truncate(os.path.getsize(path) - 7)  # The last record loses its tail.
+    summaries.trim_logs(log_dir, epoch=2, global_step=6)
+    assert [step for tag, step in _events(os.path.join(log_dir, "train")) if tag == "epoch_loss"] == [0, 1]
+    summaries.trim_logs(log_dir, epoch=2, global_step=6)  # Idempotent, and now a clean file.
+
+
 @pytest.mark.parametrize("backbone", sorted(registry.BACKBONES))
 def test_inverse_preprocessing_restores_the_image(backbone):
     images = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3)).astype(np.uint8)

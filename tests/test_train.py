@@ -1,5 +1,6 @@
 """The two phases on a tiny backbone: what trains when, strategies, outputs and the export."""
 
+import dataclasses
 import json
 import os
 
@@ -15,7 +16,7 @@ from tl_keras.model import classifier
 from tl_keras.training import phases
 from tl_keras.training import run as train
 
-from helpers import make_examples, make_splits
+from helpers import make_examples, make_image_folder, make_splits
 
 
 def _weights(layer):
@@ -188,3 +189,70 @@ def test_model_dir_that_cannot_be_created_is_a_user_error(make_config, tiny_spli
     with pytest.raises(UserError, match="model_dir"):
         train.run(make_config(model_dir=str(blocker / "run")), splits=tiny_splits)
     assert blocker.read_text() == "keep me"
+
+
+def test_a_diverging_run_stops_at_the_first_non_finite_loss(make_config, tiny_splits):
+    """A learning rate of 3e38 sends the weights to infinity; the run must stop there, say where, keep
+    the last good checkpoint and export nothing, instead of exporting a model that outputs NaN."""
+    config = make_config(finetune_learning_rate=3e38, finetune_warmup_epochs=0, steps_per_epoch=3,
+                         finetune_epochs=2)
+    with pytest.raises(UserError, match=r"phase 2 \(finetune\) diverged at step \d+ of epoch 2 \(global step "
+                                        r"\d+\): the loss is (nan|inf) at learning rate [0-9.e+]+\. .*"
+                                        r"Received: finetune_learning_rate=3e\+38$"):
+        train.run(config, splits=tiny_splits)
+    assert not os.path.exists(os.path.join(config.model_dir, "export"))
+    with open(os.path.join(config.model_dir, "metrics.json")) as f:
+        metrics = json.load(f, parse_constant=lambda name: pytest.fail(f"metrics.json holds {name}"))
+    assert "head" in metrics and "finetune" not in metrics
+    with open(os.path.join(config.model_dir, "checkpoints", "state.json")) as f:
+        state = json.load(f)
+    assert (state["phase"], state["epoch"], state["step"]) == ("finetune", 1, 0)  # The end of phase 1.
+
+
+def test_a_bad_fine_tune_at_is_refused_before_any_training(make_config, tiny_splits, monkeypatch):
+    """Found before phase 1 runs, not after it (which on CIFAR-10 is half an hour in)."""
+    monkeypatch.setattr(phases, "train_head", lambda *a, **k: pytest.fail("phase 1 ran"))
+    with pytest.raises(UserError, match=r"block1_conv1, block2_conv1, block3_conv1\). "
+                                         r"Received: fine_tune_at=block9_conv9"):
+        train.run(make_config(fine_tune_at="block9_conv9"), splits=tiny_splits)
+
+
+def _folder_run(make_config, root, **overrides):
+    settings = dict(dataset=f"folder:{root}", validation_split=0.25, test_split_fraction=0.25,
+                    finetune_epochs=0)
+    settings.update(overrides)
+    return make_config(**settings)
+
+
+def test_evaluate_and_export_use_the_classes_the_run_trained_on(make_config, tmp_path):
+    """A renamed class folder must not relabel the export; a changed class count is one line."""
+    root = tmp_path / "photos"
+    make_image_folder(root, {"cat": 6, "dog": 6}, bad=False)
+    config = _folder_run(make_config, root)
+    train.run(config)
+    labels = os.path.join(config.model_dir, "labels.txt")
+    with open(labels) as f:
+        trained = f.read()
+    os.rename(root / "dog", root / "wolf")
+    for mode in ("export", "evaluate"):
+        with pytest.raises(UserError, match=r"classes differ from the run's \(cat, dog -> cat, wolf\)"):
+            train.run(_folder_run(make_config, root, mode=mode))
+    make_image_folder(root, {"cat": 6, "dog": 6, "owl": 6}, bad=False)
+    with pytest.raises(UserError, match=r"classes differ from the run's \(cat, dog -> cat, dog, owl, wolf\)"):
+        train.run(_folder_run(make_config, root, mode="export"))
+    with open(labels) as f:
+        assert f.read() == trained
+
+
+def test_resume_refuses_a_folder_whose_images_changed(make_config, tmp_path, monkeypatch):
+    root = tmp_path / "photos"
+    make_image_folder(root, {"cat": 6, "dog": 6}, bad=False)
+    config = _folder_run(make_config, root, finetune_epochs=1, head_epochs=1)
+    with monkeypatch.context() as patch:  # The run stops in phase 2...
+        patch.setattr(phases, "fine_tune", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("crash")))
+        with pytest.raises(RuntimeError, match="crash"):
+            train.run(config)
+    make_image_folder(root, {"cat": 7, "dog": 6}, bad=False, seed=3)  # ...and a photo is added.
+    with pytest.raises(UserError, match=r"images of --dataset changed since the run began.*--overwrite"):
+        train.run(config)
+    assert train.run(dataclasses.replace(config, overwrite=True))["export_path"]

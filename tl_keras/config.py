@@ -5,6 +5,7 @@ may change: the resume check, the evaluate/export check and the HParams read lif
 """
 
 import dataclasses
+import math
 
 from tl_keras.errors import UserError
 from tl_keras.model import registry
@@ -119,6 +120,7 @@ class Config:
     export_dir: str | None = setting(None, group=SERVING, lifetime=EXPERIMENT)
     output_json: str | None = setting(None, group=SERVING, lifetime=EXPERIMENT)
     top_k: int = setting(5, group=SERVING, lifetime=EXPERIMENT)
+    max_image_pixels: int = setting(50_000_000, group=SERVING, lifetime=RUNTIME)
 
     # TensorBoard.
     log_every_steps: int = setting(100, group=TENSORBOARD, lifetime=RUNTIME)
@@ -137,6 +139,10 @@ class Config:
 
         Only the values themselves: what exists on disk is the runner's to check, when it uses the paths.
         """
+        for field in dataclasses.fields(self):  # inf and nan pass every range check below.
+            value = getattr(self, field.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                _fail(f"--{field.name} must be a finite number", **{field.name: value})
         if not self.model_dir and not (self.mode == "predict" and self.export_dir):
             _fail("--model_dir is required (for --mode=predict, or --export_dir)", model_dir=self.model_dir)
         if self.mode not in MODES:
@@ -216,6 +222,8 @@ class Config:
             _fail("--mode=predict needs --images=GLOB", images=self.images)
         if self.top_k < 1:
             _fail("--top_k must be positive", top_k=self.top_k)
+        if self.max_image_pixels < 1:
+            _fail("--max_image_pixels must be positive", max_image_pixels=self.max_image_pixels)
         if self.log_every_steps is not None and self.log_every_steps < 0:
             _fail("--log_every_steps must not be negative", log_every_steps=self.log_every_steps)
         if self.profile_steps and not (len(self.profile_steps) == 2

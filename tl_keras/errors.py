@@ -2,6 +2,7 @@
 that turns library errors into such lines."""
 
 import re
+import signal
 
 # Lines of TensorFlow error text that are decoration, not the reason.
 _NOISE = ("[[", "Graph execution error", "Detected at node", "<stack traces", "Traceback", "File ")
@@ -9,6 +10,19 @@ _NOISE = ("[[", "Graph execution error", "Detected at node", "<stack traces", "T
 
 class UserError(Exception):
     """Bad input: flags, data, weights or model_dir. main prints it as one line and exits 1."""
+
+
+class Interrupted(Exception):
+    """A SIGTERM or SIGINT stopped the run after saving; main exits with 128 + the signal's number."""
+
+    def __init__(self, signum: int, where: str):
+        self.signum = signum
+        super().__init__(f"Stopped by {signal.Signals(signum).name} {where}; run the same command again to "
+                         "resume from there.")
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
 
 
 def first_line(error: Exception) -> str:

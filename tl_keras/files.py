@@ -43,8 +43,9 @@ def write_text(path: str, text: str):
 
 
 def write_json(path: str, data):
-    """Sorted, indented JSON with a final newline: diffable, and the same bytes for the same data."""
-    write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+    """Sorted, indented JSON with a final newline: diffable, and the same bytes for the same data.
+    NaN and inf are refused: they are not JSON, and readers other than Python's choke on them."""
+    write_text(path, json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n")
 
 
 def read_json(path: str, default=None):

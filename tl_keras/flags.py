@@ -123,6 +123,9 @@ flags.DEFINE_string("export_dir", None,
                     "--mode=predict: SavedModel to load. Default: the latest version under model_dir/export.")
 flags.DEFINE_string("output_json", None, "--mode=predict: also write the predictions to this JSON file.")
 flags.DEFINE_integer("top_k", _DEFAULTS.top_k, "--mode=predict: classes shown per image.")
+flags.DEFINE_integer("max_image_pixels", _DEFAULTS.max_image_pixels,
+                     "Largest image (height x width) that is decoded, in folder datasets, --mode=predict and "
+                     "the export's signatures; larger ones are refused from their header, before decoding.")
 
 # TensorBoard.
 flags.DEFINE_integer("log_every_steps", _DEFAULTS.log_every_steps,

@@ -4,9 +4,10 @@ import os
 import sys
 
 from absl import app
+from absl import logging
 
 from tl_keras import flags
-from tl_keras.errors import UserError
+from tl_keras.errors import Interrupted, UserError
 
 
 def main(argv):
@@ -22,6 +23,12 @@ def main(argv):
         run_lib.run(config)
     except UserError as e:
         sys.exit(f"tl_keras: error: {e}")
+    except Interrupted as e:  # Saved where it stopped; 143 for SIGTERM, 130 for SIGINT, as shells expect.
+        logging.warning("%s", e)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:  # Ctrl-C before the run installed its own handler: nothing to save yet.
+        logging.warning("Stopped by SIGINT before the run began.")
+        sys.exit(130)
 
 
 def run():

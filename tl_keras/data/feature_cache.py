@@ -15,6 +15,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import time
 
 from absl import logging
@@ -24,8 +25,12 @@ import tensorflow as tf
 
 from tl_keras import files
 from tl_keras.data import pipeline
+from tl_keras.errors import UserError
 
 FORMAT_VERSION = 1
+# Free space kept beyond what the cache writes: other writers (checkpoints, logs) share the disk.
+DISK_MARGIN_BYTES = 256 << 20
+DISK_MARGIN_FRACTION = 0.05
 ORIENTATIONS = {False: "", True: "_flipped"}
 
 
@@ -73,6 +78,7 @@ class FeatureCache:
         logging.info("Computing %s activations for %d %s%s examples.", "+".join(boundaries),
                      num_examples, split, ORIENTATIONS[flipped])
         os.makedirs(self.directory, exist_ok=True)
+        self._check_free_space(extractor, num_examples)
         files.write_text(os.path.join(self.directory, "key.json"),
                          json.dumps(self._key_parts, indent=2, sort_keys=True, default=str) + "\n")
         labels = _extract(extractor, batches, num_examples, paths)
@@ -80,8 +86,24 @@ class FeatureCache:
             np.save(tmp, labels)
         return [np.load(p, mmap_mode="r") for p in paths]
 
+    def _check_free_space(self, extractor: keras.Model, num_examples: int):
+        """Refuse in one line when the disk cannot hold the arrays: writing through a memory map to a
+        full disk kills the process with SIGBUS, with no message."""
+        needed = num_examples * (8 + sum(4 * int(np.prod(o.shape[1:])) for o in extractor.outputs))
+        wanted = needed + max(DISK_MARGIN_BYTES, int(needed * DISK_MARGIN_FRACTION))
+        free = shutil.disk_usage(self.directory).free
+        if free < wanted:
+            raise UserError(f"Not enough free disk space for the feature cache: it needs {_gib(needed)} "
+                            f"(plus a margin of {_gib(wanted - needed)}) and {_gib(free)} is free; free "
+                            f"some space or run with --cache_features=false. "
+                            f"Received: feature_cache={self.directory}")
+
     def labels(self, split: str) -> np.ndarray:
         return np.load(self.labels_path(split))
+
+
+def _gib(num_bytes: int) -> str:
+    return f"{num_bytes / (1 << 30):.2f} GiB"
 
 
 def _extract(extractor: keras.Model, batches, num_examples: int, paths: list) -> np.ndarray:

@@ -3,6 +3,7 @@
 import dataclasses
 import math
 
+from absl import logging
 import numpy as np
 import tensorflow as tf
 
@@ -10,6 +11,8 @@ from tl_keras.errors import UserError
 
 AUTOTUNE = tf.data.AUTOTUNE
 SHUFFLE_BUFFER = 10_000
+# The most that preprocess_and_cache holds in memory; above it, examples are preprocessed every epoch.
+MEMORY_CACHE_BYTES = 4 << 30
 
 
 @dataclasses.dataclass
@@ -93,20 +96,46 @@ def balanced_class_weights(counts) -> dict:
 
 
 def preprocess_and_cache(examples: tf.data.Dataset, preprocess) -> tf.data.Dataset:
-    """Apply the deterministic part of preprocessing once and cache it in memory.
+    """Apply the deterministic part of preprocessing once and cache it in memory, up to a bound.
 
     The cache holds whichever is smaller: images that would be enlarged are cached before resizing
-    (CIFAR-10 at 224 px would otherwise need 30 GB), all others after preprocessing.
+    (CIFAR-10 at 224 px would otherwise need 30 GB), all others after preprocessing. Its expected
+    size is logged before it fills. Above MEMORY_CACHE_BYTES nothing is cached and examples are
+    decoded and preprocessed again every epoch: slower, but memory stays bounded and the values are
+    the same. (A tf.data file cache would need a directory and breaks when an epoch stops early.)
     """
     def apply(image, label):
         return preprocess(image), label
 
     image_shape = examples.element_spec[0].shape
-    target = preprocess(tf.zeros([8, 8, 3], tf.uint8)).shape
-    upscaling = image_shape.is_fully_defined() and image_shape[0] * image_shape[1] < target[0] * target[1]
+    target = preprocess(tf.zeros([8, 8, 3], tf.uint8))
+    upscaling = (image_shape.is_fully_defined()
+                 and image_shape[0] * image_shape[1] < target.shape[0] * target.shape[1])
+    if upscaling:
+        per_example = image_shape.num_elements() * examples.element_spec[0].dtype.size
+    else:
+        per_example = target.shape.num_elements() * target.dtype.size
+    count = int(examples.cardinality())
+    if count >= 0:
+        expected = count * per_example
+        if expected > MEMORY_CACHE_BYTES:
+            logging.info("Not caching %d preprocessed examples: %s expected, over the in-memory bound of "
+                         "%s; they are preprocessed again every epoch.", count, _size(expected),
+                         _size(MEMORY_CACHE_BYTES))
+            return examples.map(apply, num_parallel_calls=AUTOTUNE)
+        logging.info("Caching %d preprocessed examples in memory (%s expected).", count, _size(expected))
+    else:
+        logging.info("Caching preprocessed examples in memory: %s per example, count unknown.",
+                     _size(per_example))
     if upscaling:
         return examples.cache().map(apply, num_parallel_calls=AUTOTUNE)
     return examples.map(apply, num_parallel_calls=AUTOTUNE).cache()
+
+
+def _size(num_bytes: int) -> str:
+    if num_bytes < 1 << 20:
+        return f"{num_bytes} bytes"
+    return f"{num_bytes / (1 << 30):.2f} GiB" if num_bytes >= 1 << 30 else f"{num_bytes / (1 << 20):.1f} MiB"
 
 
 def augment_image(image: tf.Tensor, seed: tf.Tensor, augment: str = "flip_translate") -> tf.Tensor:

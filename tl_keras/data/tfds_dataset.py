@@ -2,6 +2,8 @@
 
 import dataclasses
 import re
+import socket
+import urllib.parse
 
 from absl import logging
 import tensorflow as tf
@@ -32,13 +34,19 @@ def load_tfds(
         builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError:
         raise UserError(f"--dataset is not a known TFDS dataset. Received: dataset={name}") from None
+    def cannot_prepare(reason: str) -> UserError:
+        return UserError(
+            f"Could not download or prepare TFDS dataset '{name}' ({reason}). To run offline, "
+            f"pass --data_dir=DIR where DIR/{name}/ holds a prepared copy. Received: data_dir={data_dir}")
+
+    if _will_download(builder):
+        unreachable = _unreachable(builder.url_infos)
+        if unreachable:
+            raise cannot_prepare(f"no network: {unreachable}")
     try:
         builder.download_and_prepare()
     except Exception as e:  # Offline, a download fails with many error types; all mean the same here.
-        raise UserError(
-            f"Could not download or prepare TFDS dataset '{name}' ({first_line(e)}). To run offline, "
-            f"pass --data_dir=DIR where DIR/{name}/ holds a prepared copy. Received: data_dir={data_dir}"
-        ) from None
+        raise cannot_prepare(first_line(e)) from None
     image_key, label_key = _feature_keys(builder.info, name)
     class_names = list(builder.info.features[label_key].names)
 
@@ -78,6 +86,31 @@ def load_tfds(
     logging.info("Dataset %s: %d train, %d validation, %d test examples, %d classes.", name,
                  splits.num_train, splits.num_validation, splits.num_test, splits.num_classes)
     return splits
+
+
+# One connection attempt this long decides whether a download can work: TFDS's own downloader retries
+# ten times with backoff, minutes in all, before it reports what this finds in seconds.
+NETWORK_TIMEOUT_SECONDS = 5
+
+
+def _will_download(builder) -> bool:
+    """Whether download_and_prepare would go to the network: TFDS's own (not a test double), for a
+    dataset that is not prepared yet and whose files are fetched from URLs."""
+    import tensorflow_datasets as tfds
+
+    own = type(builder).download_and_prepare.__module__ == tfds.core.DatasetBuilder.__module__
+    return own and not builder.is_prepared() and bool(getattr(builder, "url_infos", None))
+
+
+def _unreachable(url_infos) -> str | None:
+    """Why the first download host cannot be reached, or None when one connection attempt succeeds."""
+    url = urllib.parse.urlsplit(next(iter(url_infos)))
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=NETWORK_TIMEOUT_SECONDS).close()
+    except OSError as e:
+        return f"cannot reach {url.hostname}: {e.strerror or e}"
+    return None
 
 
 def _feature_keys(info, name: str):

@@ -60,23 +60,25 @@ def unfreeze_backbone(model: keras.Model, fine_tune_at: str):
     """
     backbone = model.get_layer("backbone")
     layers = [layer for layer in backbone.layers if layer.weights]
-    names = [layer.name for layer in layers]
-    if fine_tune_at == "all":
-        start = 0
-    elif fine_tune_at in names:
-        start = names.index(fine_tune_at)
-    else:
-        shown = ", ".join(names[:3] + ["..."] + names[-3:]) if len(names) > 8 else ", ".join(names)
-        raise UserError(
-            f"--fine_tune_at must be 'all' or a weighted layer of the backbone ({shown}). "
-            f"Received: fine_tune_at={fine_tune_at}"
-        )
+    start = unfreeze_start(model, fine_tune_at)
     backbone.trainable = True
     for i, layer in enumerate(layers):
         layer.trainable = i >= start and not isinstance(layer, keras.layers.BatchNormalization)
     logging.info("Unfroze %d of %d weighted backbone layers from %s.",
-                 sum(layer.trainable for layer in layers), len(layers), names[start])
+                 sum(layer.trainable for layer in layers), len(layers), layers[start].name)
 
+
+def unfreeze_start(model: keras.Model, fine_tune_at: str) -> int:
+    """Index among the backbone's weighted layers where phase 2 starts; a UserError if there is none,
+    raised before training so that a typo costs seconds, not a phase."""
+    names = [layer.name for layer in model.get_layer("backbone").layers if layer.weights]
+    if fine_tune_at == "all":
+        return 0
+    if fine_tune_at in names:
+        return names.index(fine_tune_at)
+    shown = ", ".join(names[:3] + ["..."] + names[-3:]) if len(names) > 8 else ", ".join(names)
+    raise UserError(f"--fine_tune_at must be 'all' or a weighted layer of the backbone ({shown}). "
+                    f"Received: fine_tune_at={fine_tune_at}")
 
 
 def build_extractor(model: keras.Model, boundaries: list, prefix: keras.Model | None = None):

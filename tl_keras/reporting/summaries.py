@@ -466,7 +466,16 @@ def trim_logs(log_dir: str, epoch: int, global_step: int):
         if path.endswith(".tmp"):  # An interrupted rewrite's leftover; atomic_path replaces it.
             continue
         kept, dropped = [], 0
-        for record in tf.data.TFRecordDataset(path).as_numpy_iterator():
+        records = tf.data.TFRecordDataset(path).as_numpy_iterator()
+        while True:
+            try:
+                record = next(records)
+            except StopIteration:
+                break
+            except tf.errors.DataLossError:  # A torn last record (a kill or a full disk mid-flush).
+                logging.warning("Dropped the truncated end of %s.", path)
+                dropped += 1
+                break
             event = tf.compat.v1.Event.FromString(record)
             tags = [value.tag for value in event.summary.value]
             if tags and not all(keep(tag, event.step) for tag in tags):

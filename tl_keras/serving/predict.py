@@ -1,7 +1,8 @@
 """--mode=predict: classify image files with an exported SavedModel, as any consumer would.
 
 Only the SavedModel is used (no model code), so this checks the export as much as it uses it. Each
-file is read and decoded here, so one unreadable file is reported and the rest still get answers.
+file is read and decoded here, so one unreadable file is reported and the rest still get answers, and
+photos are turned upright by their EXIF orientation, which no TF op reads.
 """
 
 import json
@@ -13,6 +14,7 @@ import tensorflow as tf
 
 from tl_keras import files
 from tl_keras.config import Config
+from tl_keras.data import image_files
 from tl_keras.errors import UserError, op_message
 from tl_keras.serving import export as export_lib
 
@@ -25,7 +27,8 @@ def run(config: Config) -> dict:
     serve = tf.saved_model.load(export_dir).signatures["serving_default"]
     class_names = read_labels(export_dir)
     results = []
-    for result in predict_files(serve, paths, class_names, config.top_k, config.batch_size):
+    for result in predict_files(serve, paths, class_names, config.top_k, config.batch_size,
+                                config.max_image_pixels):
         print(format_result(result), flush=True)
         results.append(result)
     failed = sum("error" in r for r in results)
@@ -74,51 +77,73 @@ def read_labels(export_dir: str) -> list | None:
     return None
 
 
-def predict_files(serve, paths, class_names, top_k: int, batch_size: int):
+def predict_files(serve, paths, class_names, top_k: int, batch_size: int,
+                  max_image_pixels: int = Config.max_image_pixels):
     """Yield one result per path, in order: {"image", "predictions"} or {"image", "error"}.
 
-    Images of one chunk that share a size go to the signature as one batch.
+    Files are decoded one at a time into chunks of at most batch_size files and about max_image_pixels
+    pixels, so memory stays bounded whatever the files hold. Images of one chunk that share a size go
+    to the signature as one batch.
     """
-    for start in range(0, len(paths), batch_size):
-        chunk = paths[start:start + batch_size]
-        results = {}
-        images = {}
-        for path in chunk:
-            try:
-                images[path] = load_image(path)
-            except ValueError as e:
-                results[path] = {"image": path, "error": str(e)}
-        by_shape = {}
-        for path, image in images.items():
-            by_shape.setdefault(image.shape, []).append(path)
-        for group in by_shape.values():
-            try:
-                batch = tf.constant(np.stack([images[p] for p in group]))
-                probabilities = serve(images=batch)["probabilities"]
-            except tf.errors.InvalidArgumentError as e:
-                for path in group:
-                    results[path] = {"image": path, "error": f"the model refused it: {op_message(e)}"}
-                continue
-            for path, row in zip(group, probabilities.numpy()):
-                results[path] = {"image": path, "predictions": top_classes(row, class_names, top_k)}
-        for path in chunk:
-            yield results[path]
+    chunk, pixels = [], 0
+    for path in paths:
+        try:
+            image = load_image(path, max_image_pixels)
+            pixels += image.shape[0] * image.shape[1]
+        except ValueError as e:
+            image = str(e)
+        chunk.append((path, image))
+        if len(chunk) == batch_size or pixels >= max_image_pixels:
+            yield from _classify_chunk(serve, chunk, class_names, top_k)
+            chunk, pixels = [], 0
+    yield from _classify_chunk(serve, chunk, class_names, top_k)
 
 
-def load_image(path: str) -> np.ndarray:
-    """uint8 [H, W, 3]; raises ValueError with a readable reason for missing, unreadable or bad files."""
+def _classify_chunk(serve, chunk, class_names, top_k: int):
+    """Results for (path, image or error message) pairs, in their order."""
+    results = {path: {"image": path, "error": image} for path, image in chunk if isinstance(image, str)}
+    by_shape = {}
+    for path, image in chunk:
+        if not isinstance(image, str):
+            by_shape.setdefault(image.shape, []).append((path, image))
+    for group in by_shape.values():
+        try:
+            batch = tf.stack([image for _, image in group])
+            probabilities = serve(images=batch)["probabilities"]
+        except tf.errors.InvalidArgumentError as e:
+            for path, _ in group:
+                results[path] = {"image": path, "error": f"the model refused it: {op_message(e)}"}
+            continue
+        for (path, _), row in zip(group, probabilities.numpy()):
+            results[path] = {"image": path, "predictions": top_classes(row, class_names, top_k)}
+    for path, _ in chunk:
+        yield results[path]
+
+
+def load_image(path: str, max_image_pixels: int = Config.max_image_pixels) -> tf.Tensor:
+    """uint8 [H, W, 3], upright; raises ValueError with a readable reason for missing, unreadable, bad
+    or too large files.
+
+    The size comes from the header, so an image over the limit is refused before decoding allocates it.
+    """
     try:
         with tf.io.gfile.GFile(path, "rb") as f:
             data = f.read()
     except (tf.errors.OpError, OSError) as e:
         raise ValueError(f"cannot read the file: {op_message(e)}") from None
+    size = image_files.header_size(data)
+    if size is None:
+        raise ValueError("not a readable image: no JPEG, PNG, GIF, BMP or WebP header that gives its size")
+    height, width = size
+    if height * width > max_image_pixels:
+        raise ValueError(f"{width} x {height} pixels is over --max_image_pixels={max_image_pixels}")
     try:
         image = tf.io.decode_image(data, channels=3, dtype=tf.uint8, expand_animations=False)
     except tf.errors.InvalidArgumentError as e:
         raise ValueError(f"not a readable image: {op_message(e)}") from None
     if 0 in image.shape:
         raise ValueError(f"empty image of shape {tuple(image.shape)}")
-    return image.numpy()
+    return image_files.apply_orientation(image, image_files.exif_orientation(data))
 
 
 def top_classes(probabilities: np.ndarray, class_names, k: int) -> list:

@@ -36,7 +36,7 @@ class RunState:
     epoch: int = 0
     export_dir: str = ""
     step: int = 0
-    best_value: float = float("-inf")
+    best_value: float | None = None  # Best validation accuracy so far; None before the first.
     save_id: int = 0
 
 
@@ -58,7 +58,10 @@ def save_state(model_dir: str, state: RunState, classifier: keras.Model | None =
     os.makedirs(directory, exist_ok=True)
     if classifier is not None:
         state.save_id += 1
-        with files.atomic_path(_state_dir(model_dir, state)) as tmp:
+        target = _state_dir(model_dir, state)
+        # No pointer names a state newer than its own: such a directory is a killed save's leftover.
+        shutil.rmtree(target, ignore_errors=True)
+        with files.atomic_path(target) as tmp:
             os.makedirs(tmp)
             classifier.save_weights(os.path.join(tmp, MODEL_FILE))
             np.savez(os.path.join(tmp, RNG_FILE), **_arrays(rng_variables(classifier)))
@@ -207,7 +210,7 @@ class TrainingCheckpoint(keras.callbacks.Callback):
         directory = checkpoint_dir(self.model_dir)
         save_weights(self.classifier, os.path.join(directory, LATEST))
         value = logs.get(self.monitor)
-        if value is not None and value > self.state.best_value:
+        if value is not None and (self.state.best_value is None or value > self.state.best_value):
             self.state.best_value = float(value)
             save_weights(self.classifier, os.path.join(directory, BEST))
         self.state.epoch, self.state.step = epoch + 1, 0

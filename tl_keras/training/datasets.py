@@ -57,7 +57,8 @@ def load_splits(config: Config) -> pipeline.Splits:
     if folder_dataset.is_folder(config.dataset):
         return folder_dataset.load_folder(
             folder_dataset.folder_path(config.dataset), config.validation_split,
-            config.test_split_fraction, config.seed, config.strict)
+            config.test_split_fraction, config.seed, config.strict, config.max_image_pixels,
+            check_cache_dir=os.path.join(config.model_dir, run_dir.FOLDER_CHECK_DIR))
     return tfds_dataset.load_tfds(
         config.dataset, config.data_dir, config.train_split, config.test_split,
         config.validation_split, config.seed, config.test_split_fraction)

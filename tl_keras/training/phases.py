@@ -20,12 +20,14 @@ from tl_keras.serving import export as export_lib
 from tl_keras.training import checkpointing
 from tl_keras.training import datasets
 from tl_keras.training import distribute
+from tl_keras.training import guards
 from tl_keras.training import multi_worker_compat
 from tl_keras.training import run_dir
 
 
-def train_and_export(config: Config, strategy, data: datasets.Data) -> dict:
+def train_and_export(config: Config, strategy, data: datasets.Data, signals: guards.Signals | None = None) -> dict:
     """Both phases, then the export, each skipped if a previous attempt already finished it."""
+    signals = signals or guards.Signals()
     state = checkpointing.load_state(config.model_dir) or checkpointing.RunState(
         phase="head" if config.head_epochs else "finetune")
     if state.save_id or state.epoch:
@@ -40,6 +42,8 @@ def train_and_export(config: Config, strategy, data: datasets.Data) -> dict:
             matmul_small_convs=distribute.computes_on_cpu(strategy))
         if state.save_id:
             checkpointing.restore(config.model_dir, state, model)
+    if config.finetune_epochs:
+        classifier.unfreeze_start(model, config.fine_tune_at)  # A bad layer name fails now, not after phase 1.
     cache = None
     if datasets.use_feature_cache(config):
         if multi_worker_compat.needed(strategy):
@@ -51,19 +55,21 @@ def train_and_export(config: Config, strategy, data: datasets.Data) -> dict:
     if not (state.save_id or state.epoch):
         board.write_run_start()
 
-    if state.phase == "head":
-        phase = datasets.head_phase_data(model, config, strategy, data, cache)
-        metrics["head"] = train_head(model, phase, config, strategy, data.train_steps, state, board)
-        run_dir.update_metrics(config.model_dir, {"head": metrics["head"]})
-        state.phase, state.step = ("finetune" if config.finetune_epochs else "export"), 0
-        checkpointing.save_state(config.model_dir, state)
-    if state.phase == "finetune":
-        phase = datasets.finetune_phase_data(model, config, strategy, data, cache)
-        metrics["finetune"] = fine_tune(model, phase, config, strategy, data.train_steps, state, board)
-        run_dir.update_metrics(config.model_dir, {"finetune": metrics["finetune"]})
-        state.phase, state.step = "export", 0
-        checkpointing.save_state(config.model_dir, state)
-    board.close()  # Each epoch flushes, so a crash loses at most the current epoch's points.
+    try:
+        if state.phase == "head":
+            phase = datasets.head_phase_data(model, config, strategy, data, cache)
+            metrics["head"] = train_head(model, phase, config, strategy, data.train_steps, state, board, signals)
+            run_dir.update_metrics(config.model_dir, {"head": metrics["head"]})
+            state.phase, state.step = ("finetune" if config.finetune_epochs else "export"), 0
+            checkpointing.save_state(config.model_dir, state)
+        if state.phase == "finetune":
+            phase = datasets.finetune_phase_data(model, config, strategy, data, cache)
+            metrics["finetune"] = fine_tune(model, phase, config, strategy, data.train_steps, state, board, signals)
+            run_dir.update_metrics(config.model_dir, {"finetune": metrics["finetune"]})
+            state.phase, state.step = "export", 0
+            checkpointing.save_state(config.model_dir, state)
+    finally:
+        board.close()  # Each epoch flushes, so a crash loses at most the current epoch's points.
     if state.phase == "export":
         if config.min_accuracy is not None:
             _check_min_accuracy(config, metrics, model, data)
@@ -84,7 +90,7 @@ def export(model: keras.Model, config: Config, class_names, version_dir: str | N
     return export_lib.export_saved_model(
         model, os.path.join(config.model_dir, run_dir.EXPORT_DIR),
         backbones.get_preprocessing(config.backbone, config.image_size), class_names,
-        tflite=config.export_tflite, version_dir=version_dir)
+        tflite=config.export_tflite, version_dir=version_dir, max_image_pixels=config.max_image_pixels)
 
 
 def _check_min_accuracy(config: Config, metrics: dict, model: keras.Model, data: datasets.Data):
@@ -101,7 +107,8 @@ def _check_min_accuracy(config: Config, metrics: dict, model: keras.Model, data:
 
 
 def train_head(model: keras.Model, phase: datasets.PhaseData, config: Config, strategy, train_steps: int,
-               state: checkpointing.RunState, board: summaries.RunSummaries | None = None) -> dict:
+               state: checkpointing.RunState, board: summaries.RunSummaries | None = None,
+               signals: guards.Signals | None = None) -> dict:
     """Phase 1: backbone frozen, only the head learns. Returns the phase's test metrics."""
     start = time.time()
     with strategy.scope():
@@ -114,12 +121,15 @@ def train_head(model: keras.Model, phase: datasets.PhaseData, config: Config, st
     logging.info("Phase 1 (head): %d trainable weights, %d epochs, training %s.",
                  len(model.trainable_weights), config.head_epochs, phase.model.name)
     summary = board and (lambda offset: board.phase_callback(1, model, 0, config.head_learning_rate, offset))
-    _fit(model, phase, config, train_steps, state, config.head_epochs, summary)
+    divergence = _divergence("phase 1 (head)", train_steps, config.head_learning_rate,
+                             ("head_learning_rate", config.head_learning_rate))
+    _fit(model, phase, config, train_steps, state, config.head_epochs, summary, divergence, signals)
     return _phase_metrics(phase, config, start, 1, config.head_epochs - 1, board)
 
 
 def fine_tune(model: keras.Model, phase: datasets.PhaseData, config: Config, strategy, train_steps: int,
-              state: checkpointing.RunState, board: summaries.RunSummaries | None = None) -> dict:
+              state: checkpointing.RunState, board: summaries.RunSummaries | None = None,
+              signals: guards.Signals | None = None) -> dict:
     """Phase 2: unfreeze from fine_tune_at, recompile with a fresh, low, warmed-up cosine schedule."""
     start = time.time()
     with strategy.scope():
@@ -135,29 +145,45 @@ def fine_tune(model: keras.Model, phase: datasets.PhaseData, config: Config, str
                  phase.model.name)
     state.epoch = max(state.epoch, config.head_epochs)
     summary = board and (lambda offset: board.phase_callback(2, model, config.head_epochs, schedule, offset))
+    divergence = _divergence("phase 2 (finetune)", train_steps, schedule,
+                             ("finetune_learning_rate", config.finetune_learning_rate))
     end = config.head_epochs + config.finetune_epochs
-    _fit(model, phase, config, train_steps, state, end, summary)
+    _fit(model, phase, config, train_steps, state, end, summary, divergence, signals)
     return _phase_metrics(phase, config, start, 2, end - 1, board)
 
 
+def _divergence(phase: str, train_steps: int, learning_rate, flag: tuple):
+    return lambda offset: guards.StopOnDivergence(phase, train_steps, learning_rate, flag, offset)
+
+
 def _fit(model, phase: datasets.PhaseData, config: Config, train_steps: int, state, end_epoch: int,
-         summary=None):
+         summary=None, divergence=None, signals: guards.Signals | None = None):
     """fit() from the saved (epoch, step) to end_epoch; a partly done epoch gets its own fit().
 
     Each fit() gets its own callbacks, told through their constructors how many steps of the current
-    epoch were done before it began. The summaries come first, the checkpoint last, so that it saves
-    only after the epoch has been logged.
+    epoch were done before it began. In order: the divergence check (before anything logs or saves a
+    non-finite step), the summaries, the checkpoint (which saves only after the epoch has been
+    logged), and the signal check (after the epoch's save).
     """
+    signals = signals or guards.Signals()
+
+    def save_mid_epoch(step: int):
+        state.step = step
+        checkpointing.save_state(config.model_dir, state, model, phase.model)
+
     while state.epoch < end_epoch:
         first, skip = state.epoch, state.step
         last = first + 1 if skip else end_epoch
-        callbacks = [summary(skip)] if summary else []
+        callbacks = [divergence(skip)] if divergence else []
+        callbacks += [summary(skip)] if summary else []
         callbacks.append(checkpointing.TrainingCheckpoint(model, config.model_dir, state, train_steps,
                                                           config.save_every_steps, step_offset=skip))
-        phase.model.fit(phase.train(first, skip), initial_epoch=first, epochs=last,
-                        steps_per_epoch=train_steps - skip if skip else train_steps,
-                        validation_data=phase.validation, validation_steps=config.eval_steps,
-                        callbacks=callbacks, shuffle=False, verbose=2, class_weight=phase.class_weight)
+        callbacks.append(guards.StopOnSignal(signals, save_mid_epoch, train_steps, step_offset=skip))
+        with signals.defer():
+            phase.model.fit(phase.train(first, skip), initial_epoch=first, epochs=last,
+                            steps_per_epoch=train_steps - skip if skip else train_steps,
+                            validation_data=phase.validation, validation_steps=config.eval_steps,
+                            callbacks=callbacks, shuffle=False, verbose=2, class_weight=phase.class_weight)
 
 
 def _phase_metrics(phase: datasets.PhaseData, config: Config, start: float, number: int, last_epoch: int,

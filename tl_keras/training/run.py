@@ -21,6 +21,7 @@ from tl_keras.serving import predict as predict_lib
 from tl_keras.training import checkpointing
 from tl_keras.training import datasets
 from tl_keras.training import distribute
+from tl_keras.training import guards
 from tl_keras.training import multi_worker_compat
 from tl_keras.training import phases
 from tl_keras.training import run_dir
@@ -43,13 +44,14 @@ def run(config: Config, strategy: tf.distribute.Strategy | None = None,
         logging.info("Not the chief: writing to %s instead of %s.", own_dir, config.model_dir)
         config = dataclasses.replace(config, model_dir=own_dir)
     try:
-        return _run(config, strategy, splits, precision)
+        with run_dir.lock(config.model_dir), guards.Signals() as signals:
+            return _run(config, strategy, splits, precision, signals)
     finally:
         if not distribute.is_chief(strategy):
             shutil.rmtree(config.model_dir, ignore_errors=True)
 
 
-def _run(config: Config, strategy, splits, precision: str) -> dict:
+def _run(config: Config, strategy, splits, precision: str, signals: guards.Signals) -> dict:
     run_dir.prepare(config)
     if precision != "float32":
         logging.info("Mixed precision: %s.", precision)
@@ -70,10 +72,10 @@ def _run(config: Config, strategy, splits, precision: str) -> dict:
             return run_dir.read_metrics(config.model_dir)
     if splits is None:
         splits = datasets.load_splits(config)
-    run_dir.write_labels(config.model_dir, splits.class_names)
+    run_dir.check_dataset(config, splits.class_names, splits.fingerprint)
     data = datasets.build_data(config, splits)
     if config.mode == "train":
-        return phases.train_and_export(config, strategy, data)
+        return phases.train_and_export(config, strategy, data, signals)
     model = restore_classifier(config, strategy, splits.num_classes)
     if config.mode == "evaluate":
         result = evaluation.evaluate(model, data.test, data.eval_steps, config.label_smoothing)
