@@ -62,7 +62,6 @@ def run_cli(*args, timeout=600):
                           capture_output=True, text=True, timeout=timeout)
 
 
-
 # Class folder names, sorted: a space and a non-ASCII character, and imbalanced counts.
 CLASSES = {"cat": 12, "dog café": 4, "frog": 6}
 

@@ -101,7 +101,8 @@ def test_predict_prints_top_k_and_reports_a_corrupt_file(tmp_path):
     from tl_keras.serving import export
 
     model = classifier.build_classifier("tiny", 32, len(CLASS_NAMES), "none", head_units=(8,))
-    export.export_saved_model(model, str(tmp_path / "run" / "export"), backbones.get_preprocessing("tiny", 32),
+    export.export_saved_model(model, str(tmp_path / "run" / "export"),
+                              backbones.get_preprocessing("tiny", 32),
                               CLASS_NAMES)
     images, _ = make_examples(2, seed=4, size=40)
     for i, image in enumerate(images):

@@ -130,7 +130,8 @@ def test_lifetimes_accept_what_the_old_name_sets_accepted():
     assert config_lib.names(config_lib.LOCATION) == OLD_NOT_HPARAMS | added[config_lib.LOCATION]
     everything = {field.name for field in dataclasses.fields(config_lib.Config)}
     assert config_lib.names(config_lib.EXPERIMENT) == (
-        everything - OLD_RESUME_MAY_CHANGE - OLD_ARCHITECTURE - set(ADDED_SINCE)) | added[config_lib.EXPERIMENT]
+        everything - OLD_RESUME_MAY_CHANGE - OLD_ARCHITECTURE - set(ADDED_SINCE)
+    ) | added[config_lib.EXPERIMENT]
 
 
 def test_every_field_declares_one_group_and_one_lifetime():

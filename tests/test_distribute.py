@@ -2,9 +2,11 @@
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import keras
 import numpy as np
@@ -30,7 +32,7 @@ def float32_policy():
 def _one_step(strategy, weights, images, labels):
     with strategy.scope():
         model = classifier.build_classifier("tiny", 32, 3, "none", head_units=(8,), head_batchnorm=False,
-                                        dropout=0.0)
+                                            dropout=0.0)
         model.set_weights(weights)
         model.compile(optimizer=keras.optimizers.SGD(0.1), loss="categorical_crossentropy")
     ds = tf.data.Dataset.from_tensors((images, labels))
@@ -42,7 +44,7 @@ def test_two_replicas_match_one_at_the_same_global_batch(mirrored_strategy):
     """Global batch 8 on 1 replica and 2 x 4 on 2 replicas: the same loss and the same update."""
     keras.utils.set_random_seed(0)
     weights = classifier.build_classifier("tiny", 32, 3, "none", head_units=(8,), head_batchnorm=False,
-                                      dropout=0.0).get_weights()
+                                          dropout=0.0).get_weights()
     images, labels = make_examples(8, seed=4)
     images = backbones.get_preprocessing("tiny", 32)(images)
     labels = tf.one_hot(labels, 3)
@@ -90,7 +92,8 @@ def test_mixed_bfloat16_trains_and_exports_float32(make_config, tiny_splits):
 def test_scale_lr_with_batch(make_config, tiny_splits, mirrored_strategy, monkeypatch):
     seen = []
     real = phases.compile_classifier
-    monkeypatch.setattr(phases, "compile_classifier", lambda model, lr, *a, **k: (seen.append(lr), real(model, lr, *a, **k)))
+    monkeypatch.setattr(phases, "compile_classifier",
+                        lambda model, lr, *a, **k: (seen.append(lr), real(model, lr, *a, **k)))
     train.run(make_config(scale_lr_with_batch=True, finetune_epochs=0), strategy=mirrored_strategy,
               splits=tiny_splits)
     assert seen[0] == pytest.approx(2 * 1e-3)
@@ -106,19 +109,24 @@ def _free_ports(n):
     return ports
 
 
-def _run_two_workers(data_dir, model_dir, extra_env=None, timeout=420):
+def _start_two_workers(data_dir, model_dir, extra_env=None, extra_args=()):
     ports = _free_ports(2)
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
     args = ["--flagfile=configs/smoke.flags", "--dataset=tiny_shapes", f"--data_dir={data_dir}",
             "--backbone=tiny", "--weights=none", "--fine_tune_at=block2_conv1", "--batch_size=4",
             "--steps_per_epoch=2", "--eval_steps=1", "--head_units=8", "--distribution_strategy=multi_worker",
-            f"--model_dir={model_dir}"]
+            f"--model_dir={model_dir}", *extra_args]
     processes = []
     for index in range(2):
         env = dict(os.environ, PYTHONPATH=REPO, **(extra_env or {}),
                    TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}))
         processes.append(subprocess.Popen([sys.executable, "-m", "tl_keras.main", *args], cwd=REPO, env=env,
                                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    return processes
+
+
+def _run_two_workers(data_dir, model_dir, extra_env=None, timeout=420, extra_args=()):
+    processes = _start_two_workers(data_dir, model_dir, extra_env, extra_args)
     results = []
     try:
         for process in processes:
@@ -157,3 +165,41 @@ def test_multi_worker_fails_without_the_compat_fix(tmp_path, tiny_tfds_dir):
     assert all(code != 0 for code, _ in results)
     assert any("PerReplica" in stderr or "reduction dimension" in stderr or "timed out" in stderr
                for _, stderr in results)
+
+
+RESUMABLE = ("--deterministic", "--head_epochs=2", "--finetune_epochs=2", "--steps_per_epoch=4",
+             "--save_every_steps=2", "--finetune_learning_rate=1e-3")
+
+
+@pytest.mark.slow
+def test_two_workers_killed_and_restarted_finish_like_an_uninterrupted_pair(tmp_path, tiny_tfds_dir):
+    """Every worker restores the chief's state from the shared model_dir. A worker that started
+    again from epoch 0 while the chief resumed would leave the collectives waiting forever."""
+    results = _run_two_workers(tiny_tfds_dir, tmp_path / "whole", extra_args=RESUMABLE)
+    assert all(code == 0 for code, _ in results), results[0][1][-3000:]
+    uninterrupted = json.loads((tmp_path / "whole" / "metrics.json").read_text())
+
+    model_dir = tmp_path / "run"
+    processes = _start_two_workers(tiny_tfds_dir, model_dir, extra_args=RESUMABLE)
+    state_file = model_dir / "checkpoints" / "state.json"
+    deadline = time.time() + 300
+    try:
+        while True:  # Mid phase 2: its first epoch and two steps of the next done.
+            state = json.loads(state_file.read_text()) if state_file.exists() else {}
+            if (state.get("epoch"), state.get("step")) == (3, 2):
+                break
+            assert all(p.poll() is None for p in processes), processes[0].communicate()[1][-3000:]
+            assert time.time() < deadline, "never reached the kill point"
+            time.sleep(0.005)
+    finally:
+        for process in processes:
+            process.send_signal(signal.SIGKILL)
+            process.communicate()
+    results = _run_two_workers(tiny_tfds_dir, model_dir, extra_args=RESUMABLE, timeout=240)
+    for code, output in results:
+        assert code == 0, output[-3000:]
+        assert "3 epochs and 2 steps done" in output, output[-3000:]
+    metrics = json.loads((model_dir / "metrics.json").read_text())
+    for phase in ("head", "finetune"):
+        for key in ("test_accuracy", "test_loss"):
+            assert metrics[phase][key] == pytest.approx(uninterrupted[phase][key], abs=1e-4), (phase, key)

@@ -1,6 +1,7 @@
 """The feature cache: stored activations read back exactly, whether held in memory or memory-mapped."""
 
 import os
+import signal
 import shutil
 
 import keras
@@ -9,6 +10,7 @@ import pytest
 import tensorflow as tf
 
 from tl_keras.data import feature_cache
+from tl_keras.errors import Interrupted
 from tl_keras.errors import UserError
 
 
@@ -86,3 +88,34 @@ def test_too_little_free_disk_is_refused_in_one_line_before_writing(tmp_path, mo
     monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(1 << 40, 0, 1 << 40))
     (stored,) = cache.get(["flat"], "train", False, extractor, batches, 10)
     assert stored.shape == (10, 48)
+
+
+def test_an_interrupted_extraction_keeps_its_work_and_the_rerun_continues(tmp_path):
+    """SIGTERM during a long extraction: what was extracted is kept, and the rerun starts there."""
+    inputs = keras.Input((4, 4, 3))
+    pooled = keras.layers.GlobalAveragePooling2D()(inputs)
+    extractor = keras.Model(inputs, [pooled, keras.layers.Flatten()(inputs)])
+    images = np.random.default_rng(1).normal(size=(22, 4, 4, 3)).astype(np.float32)
+    labels = tf.one_hot(np.arange(22) % 3, 3)
+    batches = tf.data.Dataset.from_tensor_slices((images, labels)).batch(4)
+    cache = feature_cache.FeatureCache(str(tmp_path), {"test": 2})
+    asked = []
+
+    def stop_after_three_batches():
+        asked.append(1)
+        return signal.SIGTERM if len(asked) == 3 else None
+
+    kept = r"SIGTERM during feature extraction \(12 of 22 train examples kept\)"
+    with pytest.raises(Interrupted, match=kept):
+        cache.get(["gap", "flat"], "train", False, extractor, batches, 22,
+                  stop_requested=stop_after_three_batches)
+    seen = []
+    counting = keras.Model(inputs, [keras.layers.Lambda(lambda x: x)(o) for o in extractor.outputs])
+    real_predict = counting.predict_on_batch
+    counting.predict_on_batch = lambda x: (seen.append(len(x)), real_predict(x))[1]
+    pooled_values, flat_values = cache.get(["gap", "flat"], "train", False, counting, batches, 22)
+    assert seen == [4, 4, 2]  # Only the batches after the 12 kept examples.
+    np.testing.assert_allclose(pooled_values, images.mean(axis=(1, 2)), rtol=1e-6)
+    np.testing.assert_allclose(flat_values, images.reshape(22, -1), rtol=1e-6)
+    np.testing.assert_array_equal(cache.labels("train"), np.arange(22) % 3)
+    assert not [name for name in os.listdir(cache.directory) if "partial" in name or ".tmp" in name]

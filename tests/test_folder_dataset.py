@@ -289,7 +289,6 @@ def test_cli_on_a_messy_folder(tmp_path, messy_folder):
     assert out["class_names"].numpy()[0].decode() in CLASSES
 
 
-
 # Hostile names, links and folders: each is a skipped file or folder with its reason, never a traceback.
 
 def _skipped_lines(caplog):

@@ -84,7 +84,8 @@ def test_checkpoints_and_exports_interchange(tmp_path):
     for a, b in zip(plain.weights, fast.weights):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
 
-    target = export.export_saved_model(fast, str(tmp_path / "export"), backbones.get_preprocessing("vgg16", 32),
+    target = export.export_saved_model(fast, str(tmp_path / "export"),
+                                       backbones.get_preprocessing("vgg16", 32),
                                        ["a", "b", "c"])
     images = np.random.default_rng(2).integers(0, 256, size=(2, 40, 40, 3), dtype=np.uint8)
     served = tf.saved_model.load(target).signatures["serving_default"](images=tf.constant(images))

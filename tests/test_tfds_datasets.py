@@ -57,7 +57,7 @@ def tfds_dir(tmp_path_factory):
 def _load(tfds_dir, name, train_split="train", test_split="test", validation_split=0.2,
           test_split_fraction=0.0):
     return tfds_dataset.load_tfds(name, tfds_dir, train_split, test_split, validation_split, 0,
-                                    test_split_fraction)
+                                  test_split_fraction)
 
 
 def _count(ds):

@@ -213,7 +213,7 @@ def test_a_bad_fine_tune_at_is_refused_before_any_training(make_config, tiny_spl
     """Found before phase 1 runs, not after it (which on CIFAR-10 is half an hour in)."""
     monkeypatch.setattr(phases, "train_head", lambda *a, **k: pytest.fail("phase 1 ran"))
     with pytest.raises(UserError, match=r"block1_conv1, block2_conv1, block3_conv1\). "
-                                         r"Received: fine_tune_at=block9_conv9"):
+                       r"Received: fine_tune_at=block9_conv9"):
         train.run(make_config(fine_tune_at="block9_conv9"), splits=tiny_splits)
 
 

@@ -25,11 +25,17 @@ def atomic_path(path: str, suffix: str = ""):
     _remove(tmp)
     try:
         yield tmp
-        _fsync_tree(tmp)
-        os.replace(tmp, path)
+        publish(tmp, path)
     except BaseException:
         _remove(tmp)
         raise
+
+
+def publish(tmp: str, path: str):
+    """Flush a finished temporary file or directory to disk, then rename it onto `path`. For writers
+    whose temporary outlives one process (an extraction resumed after a stop)."""
+    _fsync_tree(tmp)
+    os.replace(tmp, path)
     _fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 

@@ -47,7 +47,7 @@ def run_benchmark(config, num_examples: int, plain_epochs: int = 1, phase2_steps
 
     keras.utils.set_random_seed(config.seed)
     splits = tfds_dataset.load_tfds(config.dataset, config.data_dir, config.train_split,
-                                      config.test_split, 0.0, config.seed)
+                                    config.test_split, 0.0, config.seed)
     n = min(num_examples, splits.num_train)
     examples = splits.train.take(n).cache()
     classes = splits.num_classes
@@ -75,7 +75,7 @@ def run_benchmark(config, num_examples: int, plain_epochs: int = 1, phase2_steps
 
     # 2. Plain recipe: frozen backbone recomputed at every step, batch 32.
     plain = classifier.build_classifier(config.backbone, config.image_size, classes, config.weights,
-                                    config.head_units, config.head_batchnorm, config.dropout)
+                                        config.head_units, config.head_batchnorm, config.dropout)
     phases.compile_classifier(plain, config.head_learning_rate, config, classes)
     timer = _EpochTimer()
     plain.fit(images, labels, batch_size=32, epochs=plain_epochs, callbacks=[timer], verbose=0)
@@ -87,7 +87,7 @@ def run_benchmark(config, num_examples: int, plain_epochs: int = 1, phase2_steps
 
     # 3. tl_keras: extract pooled features once, then train the head on them.
     model = classifier.build_classifier(config.backbone, config.image_size, classes, config.weights,
-                                    config.head_units, config.head_batchnorm, config.dropout)
+                                        config.head_units, config.head_batchnorm, config.dropout)
     with tempfile.TemporaryDirectory() as tmp:
         cache = feature_cache.FeatureCache(tmp, {"bench": True})
         start = time.perf_counter()
@@ -99,7 +99,7 @@ def run_benchmark(config, num_examples: int, plain_epochs: int = 1, phase2_steps
         extraction = time.perf_counter() - start
         head = classifier.build_model_from(model, classifier.HEAD_INPUT)
         phases.compile_classifier(head, config.head_learning_rate, config, classes,
-                       steps_per_execution=phases.steps_per_execution(steps))
+                                  steps_per_execution=phases.steps_per_execution(steps))
         timer = _EpochTimer()
         head.fit(feature_cache.train_dataset(features, cache.labels("train"), classes, config.batch_size,
                                              config.seed),
@@ -118,8 +118,8 @@ def run_benchmark(config, num_examples: int, plain_epochs: int = 1, phase2_steps
     # 5. The same step with small-map convolutions as matmuls (what training uses on CPU), timed
     # in alternating rounds with the native one so that machine noise hits both alike.
     fast = classifier.build_classifier(config.backbone, config.image_size, classes, "none",
-                                   config.head_units, config.head_batchnorm, config.dropout,
-                                   matmul_small_convs=True)
+                                       config.head_units, config.head_batchnorm, config.dropout,
+                                       matmul_small_convs=True)
     fast.set_weights(model.get_weights())
     classifier.unfreeze_backbone(fast, config.fine_tune_at)
     phases.compile_classifier(fast, config.finetune_learning_rate, config, classes)
@@ -170,11 +170,13 @@ def format_table(results: dict) -> str:
     rows = [
         ("input pipeline", f"{results['pipeline_img_per_s']:.0f} img/s"),
         ("plain recipe: one head epoch", f"{results['plain_epoch_seconds']:.1f} s"),
-        (f"plain recipe: phase 1 ({results['head_epochs']} epochs)", f"{results['plain_phase1_seconds']:.1f} s"),
+        (f"plain recipe: phase 1 ({results['head_epochs']} epochs)",
+         f"{results['plain_phase1_seconds']:.1f} s"),
         ("tl_keras: feature extraction", f"{results['extraction_seconds']:.1f} s"
                                          f" ({results['extraction_img_per_s']:.0f} img/s)"),
         ("tl_keras: one head epoch", f"{results['cached_head_epoch_seconds']:.2f} s"),
-        (f"tl_keras: phase 1 ({results['head_epochs']} epochs)", f"{results['tl_keras_phase1_seconds']:.1f} s"),
+        (f"tl_keras: phase 1 ({results['head_epochs']} epochs)",
+         f"{results['tl_keras_phase1_seconds']:.1f} s"),
         ("phase-2 train step", f"{results['phase2_train_img_per_s']:.0f} img/s"),
         (f"phase-2 step, {results['matmul_conv_layers']} convs as matmuls",
          f"{results['phase2_matmul_train_img_per_s']:.0f} img/s"),
@@ -185,7 +187,8 @@ def format_table(results: dict) -> str:
         ("peak_rss_mb", f"{results['peak_rss_mb']:.0f}"),
     ]
     width = max(len(name) for name, _ in rows)
-    header = f"{results['examples']} examples, {results['image_size']}px, {results['backbone']}, batch {results['batch_size']}"
+    header = (f"{results['examples']} examples, {results['image_size']}px, {results['backbone']}, "
+              f"batch {results['batch_size']}")
     return "\n".join([header] + [f"{name:<{width}}  {value}" for name, value in rows])
 
 

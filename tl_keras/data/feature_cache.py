@@ -11,7 +11,6 @@ larger than RAM still works (the OS pages it in). KEY hashes everything the valu
 stale cache is never read; files appear only once complete, so a resumed run reuses them.
 """
 
-import contextlib
 import hashlib
 import json
 import os
@@ -25,7 +24,7 @@ import tensorflow as tf
 
 from tl_keras import files
 from tl_keras.data import pipeline
-from tl_keras.errors import UserError
+from tl_keras.errors import Interrupted, UserError
 
 FORMAT_VERSION = 1
 # Free space kept beyond what the cache writes: other writers (checkpoints, logs) share the disk.
@@ -65,9 +64,13 @@ class FeatureCache:
         return os.path.join(self.directory, f"labels.{split}.npy")
 
     def get(self, boundaries: list, split: str, flipped: bool, extractor: keras.Model, batches,
-            num_examples: int) -> list:
+            num_examples: int, stop_requested=None) -> list:
         """Activations at each boundary (the extractor's outputs, in order), extracted in one pass
-        (with a progress bar) unless all are stored already."""
+        (with a progress bar) unless all are stored already.
+
+        `stop_requested()` is asked after every batch; when it returns a signal number, the work so far
+        is kept on disk and Interrupted is raised. The next call continues from there.
+        """
         paths = [self.path(b, split, flipped) for b in boundaries]
         if all(os.path.exists(p) for p in paths) and os.path.exists(self.labels_path(split)):
             arrays = [np.load(p, mmap_mode="r") for p in paths]
@@ -81,9 +84,7 @@ class FeatureCache:
         self._check_free_space(extractor, num_examples)
         files.write_text(os.path.join(self.directory, "key.json"),
                          json.dumps(self._key_parts, indent=2, sort_keys=True, default=str) + "\n")
-        labels = _extract(extractor, batches, num_examples, paths)
-        with files.atomic_path(self.labels_path(split), suffix=".npy") as tmp:
-            np.save(tmp, labels)
+        _extract(extractor, batches, num_examples, paths + [self.labels_path(split)], stop_requested)
         return [np.load(p, mmap_mode="r") for p in paths]
 
     def _check_free_space(self, extractor: keras.Model, num_examples: int):
@@ -106,49 +107,88 @@ def _gib(num_bytes: int) -> str:
     return f"{num_bytes / (1 << 30):.2f} GiB"
 
 
-def _extract(extractor: keras.Model, batches, num_examples: int, paths: list) -> np.ndarray:
-    """Stream the extractor's outputs into .npy files; return the integer labels seen on the way."""
-    with contextlib.ExitStack() as stack:
-        tmps = [stack.enter_context(files.atomic_path(p, suffix=".npy")) for p in paths]
-        outs = [np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32,
-                                          shape=(num_examples,) + tuple(o.shape[1:]))
-                for tmp, o in zip(tmps, extractor.outputs)]
-        labels = np.empty(num_examples, dtype=np.int64)
-        progress = _Progress(num_examples, os.path.basename(paths[0]).split(".")[1])
-        done = 0
-        for inputs, one_hot in batches:
-            values = extractor.predict_on_batch(inputs)
-            values = values if isinstance(values, (list, tuple)) else [values]
-            n = min(len(values[0]), num_examples - done)
-            for out, value in zip(outs, values):
-                out[done:done + n] = np.asarray(value)[:n]
-            labels[done:done + n] = np.argmax(one_hot[:n], axis=-1)
-            done += n
-            progress.update(done)
-        if done != num_examples:
-            raise RuntimeError(f"Expected {num_examples} examples for {paths[0]}, got {done}.")
+def _extract(extractor: keras.Model, batches, num_examples: int, paths: list, stop_requested=None):
+    """Stream the extractor's outputs (to paths[:-1]) and the integer labels (to paths[-1]) into .npy
+    files, through memory-mapped `.partial.npy` files that become the real ones once complete.
+
+    A record of the batches done (`.partial.json`, written each 10% and on a stop) lets a rerun
+    continue where a stop or a kill left off; rows past the record are simply written again.
+    """
+    shapes = [tuple(o.shape[1:]) for o in extractor.outputs] + [()]
+    dtypes = [np.float32] * len(extractor.outputs) + [np.int64]
+    partials = [p[: -len(".npy")] + ".partial.npy" for p in paths]
+    record = paths[0][: -len(".npy")] + ".partial.json"
+    done_batches, done = _resume_point(record, partials, num_examples, shapes)
+    outs = [np.lib.format.open_memmap(partial, mode="r+" if done_batches else "w+", dtype=dtype,
+                                      shape=(num_examples,) + shape)
+            for partial, dtype, shape in zip(partials, dtypes, shapes)]
+    name = os.path.basename(paths[0]).split(".")[1]
+    if done:
+        logging.info("Continuing the extraction of %s after %d of %d examples.", name, done, num_examples)
+
+    def keep(batches_done: int, examples_done: int):
         for out in outs:
             out.flush()
-        del out, outs  # Close the memory maps before the files are synced and renamed.
-    return labels
+        files.write_json(record, {"batches": batches_done, "examples": examples_done,
+                                  "num_examples": num_examples})
+
+    progress = _Progress(num_examples, name, done)
+    for inputs, one_hot in batches.skip(done_batches):
+        values = extractor.predict_on_batch(inputs)
+        values = values if isinstance(values, (list, tuple)) else [values]
+        n = min(len(values[0]), num_examples - done)
+        for out, value in zip(outs, values):
+            out[done:done + n] = np.asarray(value)[:n]
+        outs[-1][done:done + n] = np.argmax(one_hot[:n], axis=-1)
+        done, done_batches = done + n, done_batches + 1
+        if progress.update(done):
+            keep(done_batches, done)
+        signum = stop_requested() if stop_requested else None
+        if signum and done < num_examples:
+            keep(done_batches, done)
+            raise Interrupted(signum, f"during feature extraction ({done} of {num_examples} {name} "
+                                      "examples kept)")
+    if done != num_examples:
+        raise RuntimeError(f"Expected {num_examples} examples for {paths[0]}, got {done}.")
+    for out in outs:
+        out.flush()
+    del out
+    outs.clear()  # Close the memory maps before the files are synced and renamed.
+    for partial, path in zip(partials, paths):
+        files.publish(partial, path)
+    os.remove(record)
+
+
+def _resume_point(record: str, partials: list, num_examples: int, shapes: list) -> tuple[int, int]:
+    """(batches, examples) already extracted by an earlier, stopped attempt; (0, 0) if none fits."""
+    saved = files.read_json(record)
+    if not saved or saved.get("num_examples") != num_examples or not all(map(os.path.exists, partials)):
+        return 0, 0
+    for partial, shape in zip(partials, shapes):
+        if np.load(partial, mmap_mode="r").shape != (num_examples,) + shape:
+            return 0, 0
+    return int(saved["batches"]), int(saved["examples"])
 
 
 class _Progress:
     """A text progress bar in the log, every 10%: extraction of a large split takes minutes."""
 
-    def __init__(self, total: int, name: str):
-        self.total, self.name, self.start, self.next = total, name, time.time(), 0.1
+    def __init__(self, total: int, name: str, done: int = 0):
+        self.total, self.name, self.start, self.first = total, name, time.time(), done
+        self.next = (int(10 * done / max(total, 1)) + 1) / 10
 
-    def update(self, done: int):
+    def update(self, done: int) -> bool:
+        """Log when a 10% mark is passed, and say so."""
         if done < self.total * self.next and done < self.total:
-            return
+            return False
         while self.next <= done / self.total:
             self.next += 0.1
         fraction = done / self.total
-        rate = done / max(time.time() - self.start, 1e-9)
+        rate = (done - self.first) / max(time.time() - self.start, 1e-9)
         bar = "#" * int(20 * fraction) + "." * (20 - int(20 * fraction))
         logging.info("%s [%s] %3.0f%% %d/%d images, %.0f img/s", self.name, bar, 100 * fraction, done,
                      self.total, rate)
+        return True
 
 
 def train_dataset(features: np.ndarray, labels: np.ndarray, num_classes: int, batch_size: int,

@@ -428,7 +428,8 @@ def why_unreadable(path: str) -> str:
     try:
         decode_image(tf.constant(contents))
     except (tf.errors.OpError, ValueError) as e:
-        return f"corrupt, truncated or unsupported {found} data{named} ({op_message(e).rstrip('.') or 'no details'})"
+        details = op_message(e).rstrip(".") or "no details"
+        return f"corrupt, truncated or unsupported {found} data{named} ({details})"
     return "could not be decoded"  # Decodes now: it changed during the check.
 
 

@@ -45,7 +45,8 @@ def hold_out_validation(splits: Splits, fraction: float, seed: int) -> Splits:
     num_validation = max(1, round(n * fraction))
     if num_validation >= n:
         raise UserError(
-            f"--validation_split leaves no training examples out of {n}. Received: validation_split={fraction}"
+            f"--validation_split leaves no training examples out of {n}. "
+            f"Received: validation_split={fraction}"
         )
     is_validation = np.zeros(n, dtype=bool)
     is_validation[np.random.default_rng(seed).permutation(n)[:num_validation]] = True
@@ -221,4 +222,3 @@ def one_hot(num_classes):
     def fn(image, label):
         return image, tf.one_hot(tf.cast(label, tf.int32), num_classes)
     return fn
-

@@ -34,6 +34,7 @@ def load_tfds(
         builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError:
         raise UserError(f"--dataset is not a known TFDS dataset. Received: dataset={name}") from None
+
     def cannot_prepare(reason: str) -> UserError:
         return UserError(
             f"Could not download or prepare TFDS dataset '{name}' ({reason}). To run offline, "

@@ -157,4 +157,4 @@ def format_result(result: dict) -> str:
     if "error" in result:
         return f"{result['image']}  ERROR: {result['error']}"
     return "  ".join([result["image"]] + [f"{p['class_name']} {p['probability']:.4f}"
-                                           for p in result["predictions"]])
+                                          for p in result["predictions"]])

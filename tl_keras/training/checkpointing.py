@@ -51,6 +51,23 @@ def load_state(model_dir: str) -> RunState | None:
     return RunState(**{k: v for k, v in data.items() if k in RunState.__dataclass_fields__})
 
 
+def copy_state(source: str, target: str):
+    """Start `target` (a non-chief worker's own directory) from the state saved in `source` (the
+    chief's model_dir), so that every worker resumes at the same step: one that started again from
+    epoch 0 while the chief resumed would run other collectives than the chief."""
+    state = load_state(source)
+    if state is None:
+        return
+    os.makedirs(checkpoint_dir(target), exist_ok=True)
+    if state.save_id:
+        shutil.copytree(_state_dir(source, state), _state_dir(target, state), dirs_exist_ok=True)
+    if state.export_dir:  # The same version number, in the worker's own export directory.
+        state.export_dir = os.path.join(target, "export", os.path.basename(state.export_dir))
+    files.write_json(os.path.join(checkpoint_dir(target), STATE_FILE), dataclasses.asdict(state))
+    logging.info("Starting from the chief's state in %s: %d epochs and %d steps done.", source, state.epoch,
+                 state.step)
+
+
 def save_state(model_dir: str, state: RunState, classifier: keras.Model | None = None,
                fit_model: keras.Model | None = None):
     """Write weights, optimizer and RNG state (when given) and then the pointer, atomically."""

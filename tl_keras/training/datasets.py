@@ -18,6 +18,7 @@ from tl_keras.data import tfds_dataset
 from tl_keras.model import backbones
 from tl_keras.model import classifier
 from tl_keras.model import registry
+from tl_keras.training import guards
 from tl_keras.training import run_dir
 
 # --cache_features=auto skips phase 2's cache above this size (CIFAR-10 at 32 px from block4: 1.7 GB).
@@ -131,17 +132,17 @@ def open_feature_cache(config: Config, data: Data) -> feature_cache.FeatureCache
     return feature_cache.FeatureCache(os.path.join(config.model_dir, run_dir.FEATURE_CACHE_DIR), key)
 
 
-def head_phase_data(model, config: Config, strategy, data: Data, cache) -> PhaseData:
+def head_phase_data(model, config: Config, strategy, data: Data, cache, signals=None) -> PhaseData:
     if cache is None:
         return _image_phase_data(model, data)
-    return _cached_phase_data(model, config, strategy, data, cache, classifier.HEAD_INPUT)
+    return _cached_phase_data(model, config, strategy, data, cache, classifier.HEAD_INPUT, signals)
 
 
-def finetune_phase_data(model, config: Config, strategy, data: Data, cache) -> PhaseData:
+def finetune_phase_data(model, config: Config, strategy, data: Data, cache, signals=None) -> PhaseData:
     cut = _finetune_cut(model, config, data) if cache is not None else None
     if cut is None:
         return _image_phase_data(model, data)
-    return _cached_phase_data(model, config, strategy, data, cache, cut[1])
+    return _cached_phase_data(model, config, strategy, data, cache, cut[1], signals)
 
 
 def _image_phase_data(model, data: Data) -> PhaseData:
@@ -156,8 +157,14 @@ def _cached_splits(data: Data):
     return named
 
 
-def _cached_phase_data(model, config: Config, strategy, data: Data, cache, boundary: str) -> PhaseData:
-    """Train on stored activations at `boundary`, extracting every needed boundary in one pass."""
+def _cached_phase_data(model, config: Config, strategy, data: Data, cache, boundary: str,
+                       signals: guards.Signals | None = None) -> PhaseData:
+    """Train on stored activations at `boundary`, extracting every needed boundary in one pass.
+
+    A SIGTERM or SIGINT during the extraction waits for the current batch; what was extracted is kept
+    and a rerun continues from there.
+    """
+    signals = signals or guards.Signals()
     cut = _finetune_cut(model, config, data)
     boundaries = ([cut[1]] if cut else []) + ([classifier.HEAD_INPUT] if config.head_epochs else [])
     extractor = classifier.build_extractor(model, boundaries, cut[0] if cut else None)
@@ -169,7 +176,9 @@ def _cached_phase_data(model, config: Config, strategy, data: Data, cache, bound
         for flipped in orientations if split == "train" else (False,):
             images = pipeline.build_eval_dataset(
                 examples, preprocess, batch, num_classes, flip=flipped, cache=False)
-            stored = cache.get(boundaries, split, flipped, extractor, images, n)
+            with signals.defer():
+                stored = cache.get(boundaries, split, flipped, extractor, images, n,
+                                   stop_requested=lambda: signals.received)
             arrays[split, flipped] = stored[boundaries.index(boundary)]
     train_labels = cache.labels("train")
 
@@ -195,7 +204,8 @@ def _finetune_cut(model, config: Config, data: Data):
         logging.info("Phase 2 trains on images: the backbone cannot be cut at %s.", config.fine_tune_at)
         return None
     splits = data.splits
-    copies = splits.num_train * (1 if config.augment == "none" else 2) + splits.num_validation + splits.num_test
+    orientations = 1 if config.augment == "none" else 2
+    copies = splits.num_train * orientations + splits.num_validation + splits.num_test
     size = copies * math.prod(cut[0].output.shape[1:]) * 4
     if config.cache_features == "auto" and size > MAX_AUTO_CACHE_BYTES:
         logging.info("Phase 2 trains on images: caching %s would take %.1f GB.", cut[1], size / 1e9)

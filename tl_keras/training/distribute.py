@@ -28,7 +28,8 @@ def get_strategy(name: str = "auto", num_gpus: int | None = None, tpu: str | Non
             raise UserError("--distribution_strategy=multi_worker needs the cluster in the TF_CONFIG "
                             "environment variable (see README). Received: distribution_strategy=multi_worker")
         strategy = tf.distribute.MultiWorkerMirroredStrategy()
-        logging.info("Strategy MultiWorkerMirroredStrategy with %d replica(s).", strategy.num_replicas_in_sync)
+        logging.info("Strategy MultiWorkerMirroredStrategy with %d replica(s).",
+                     strategy.num_replicas_in_sync)
         return strategy
     gpus = tf.config.list_logical_devices("GPU")
     if name == "auto":

@@ -25,7 +25,8 @@ from tl_keras.training import multi_worker_compat
 from tl_keras.training import run_dir
 
 
-def train_and_export(config: Config, strategy, data: datasets.Data, signals: guards.Signals | None = None) -> dict:
+def train_and_export(config: Config, strategy, data: datasets.Data,
+                     signals: guards.Signals | None = None) -> dict:
     """Both phases, then the export, each skipped if a previous attempt already finished it."""
     signals = signals or guards.Signals()
     state = checkpointing.load_state(config.model_dir) or checkpointing.RunState(
@@ -43,7 +44,7 @@ def train_and_export(config: Config, strategy, data: datasets.Data, signals: gua
         if state.save_id:
             checkpointing.restore(config.model_dir, state, model)
     if config.finetune_epochs:
-        classifier.unfreeze_start(model, config.fine_tune_at)  # A bad layer name fails now, not after phase 1.
+        classifier.unfreeze_start(model, config.fine_tune_at)  # A bad name fails now, not after phase 1.
     cache = None
     if datasets.use_feature_cache(config):
         if multi_worker_compat.needed(strategy):
@@ -57,14 +58,16 @@ def train_and_export(config: Config, strategy, data: datasets.Data, signals: gua
 
     try:
         if state.phase == "head":
-            phase = datasets.head_phase_data(model, config, strategy, data, cache)
-            metrics["head"] = train_head(model, phase, config, strategy, data.train_steps, state, board, signals)
+            phase = datasets.head_phase_data(model, config, strategy, data, cache, signals)
+            metrics["head"] = train_head(model, phase, config, strategy, data.train_steps, state, board,
+                                         signals)
             run_dir.update_metrics(config.model_dir, {"head": metrics["head"]})
             state.phase, state.step = ("finetune" if config.finetune_epochs else "export"), 0
             checkpointing.save_state(config.model_dir, state)
         if state.phase == "finetune":
-            phase = datasets.finetune_phase_data(model, config, strategy, data, cache)
-            metrics["finetune"] = fine_tune(model, phase, config, strategy, data.train_steps, state, board, signals)
+            phase = datasets.finetune_phase_data(model, config, strategy, data, cache, signals)
+            metrics["finetune"] = fine_tune(model, phase, config, strategy, data.train_steps, state, board,
+                                            signals)
             run_dir.update_metrics(config.model_dir, {"finetune": metrics["finetune"]})
             state.phase, state.step = "export", 0
             checkpointing.save_state(config.model_dir, state)
@@ -113,8 +116,9 @@ def train_head(model: keras.Model, phase: datasets.PhaseData, config: Config, st
     start = time.time()
     with strategy.scope():
         classifier.freeze_backbone(model)
+        cached = phase.model is not model  # The tiny head on stored features: many steps per call.
         per_call = _steps_per_execution(train_steps, state.step, config.save_every_steps,
-                                        max(config.steps_per_execution, 16 if phase.model is not model else 1))
+                                        max(config.steps_per_execution, 16 if cached else 1))
         compile_classifier(phase.model, config.head_learning_rate, config, model.output.shape[-1], per_call)
         if state.epoch or state.step:
             checkpointing.restore(config.model_dir, state, model, phase.model)

@@ -42,6 +42,7 @@ def run(config: Config, strategy: tf.distribute.Strategy | None = None,
     own_dir = distribute.worker_model_dir(config.model_dir, strategy)
     if own_dir != config.model_dir:
         logging.info("Not the chief: writing to %s instead of %s.", own_dir, config.model_dir)
+        checkpointing.copy_state(config.model_dir, own_dir)
         config = dataclasses.replace(config, model_dir=own_dir)
     try:
         with run_dir.lock(config.model_dir), guards.Signals() as signals:

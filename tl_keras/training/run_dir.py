@@ -65,8 +65,9 @@ def _check_holds_a_run(model_dir: str):
     foreign = sorted(set(os.listdir(model_dir)) - RUN_ENTRIES)
     if foreign:
         shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
-        raise UserError(f"--model_dir holds files that are not a tl_keras run ({shown}); tl_keras writes only "
-                        f"to a new, empty or earlier tl_keras model_dir. Received: model_dir={model_dir}")
+        raise UserError(f"--model_dir holds files that are not a tl_keras run ({shown}); tl_keras writes "
+                        "only to a new, empty or earlier tl_keras model_dir. "
+                        f"Received: model_dir={model_dir}")
 
 
 @contextlib.contextmanager
