@@ -45,13 +45,14 @@ def tiny_splits():
 
 @pytest.fixture
 def make_config(tmp_path):
-    """Fast-test settings: tiny backbone, 32x32, global batch 4, one step per phase, no weights."""
+    """Fast-test settings: tiny backbone, 32x32, global batch 4, one step per phase, no weights.
+    float32, since auto would pick bf16 on a CPU with AMX; tests of bf16 ask for it."""
     def make(**overrides):
         settings = dict(
             model_dir=str(tmp_path / "run"), backbone="tiny", weights="none", image_size=32,
             batch_size=4, head_epochs=1, finetune_epochs=1, steps_per_epoch=1, eval_steps=None,
             fine_tune_at="block2_conv1", head_units=(8,), distribution_strategy="default",
-            augment="none", cache_features="false")
+            augment="none", cache_features="false", mixed_precision="float32")
         settings.update(overrides)
         return config_lib.Config(**settings)
     return make

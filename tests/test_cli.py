@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from tl_keras.training import distribute
+
 from helpers import CLASS_NAMES, REPO, make_examples, run_cli
 
 # Real subprocesses of the command line: the slow tier.
@@ -53,9 +55,10 @@ def test_unknown_dataset_is_one_line(tmp_path, tiny_tfds_dir):
 
 def test_end_to_end_train_then_evaluate_and_export(tmp_path, tiny_tfds_dir):
     model_dir = tmp_path / "run"
-    common = ["--flagfile=configs/smoke.flags", "--dataset=tiny_shapes", f"--data_dir={tiny_tfds_dir}",
-              "--backbone=tiny", "--weights=none", "--fine_tune_at=block3_conv1", "--batch_size=4",
-              "--steps_per_epoch=1", "--eval_steps=1", "--head_units=8", f"--model_dir={model_dir}"]
+    common = ["--flagfile=configs/smoke.flags", "--mixed_precision=float32", "--dataset=tiny_shapes",
+              f"--data_dir={tiny_tfds_dir}", "--backbone=tiny", "--weights=none",
+              "--fine_tune_at=block3_conv1", "--batch_size=4", "--steps_per_epoch=1", "--eval_steps=1",
+              "--head_units=8", f"--model_dir={model_dir}"]
     result = run_cli(*common)
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((model_dir / "metrics.json").read_text())
@@ -80,10 +83,10 @@ def test_end_to_end_train_then_evaluate_and_export(tmp_path, tiny_tfds_dir):
 
 def test_min_accuracy_fails_training_and_skips_the_export(tmp_path, tiny_tfds_dir):
     model_dir = tmp_path / "run"
-    result = run_cli("--flagfile=configs/smoke.flags", "--dataset=tiny_shapes", f"--data_dir={tiny_tfds_dir}",
-                     "--backbone=tiny", "--weights=none", "--fine_tune_at=block3_conv1", "--batch_size=4",
-                     "--steps_per_epoch=1", "--head_units=8", "--finetune_epochs=0", "--min_accuracy=1.0",
-                     f"--model_dir={model_dir}")
+    result = run_cli("--flagfile=configs/smoke.flags", "--mixed_precision=float32", "--dataset=tiny_shapes",
+                     f"--data_dir={tiny_tfds_dir}", "--backbone=tiny", "--weights=none",
+                     "--fine_tune_at=block3_conv1", "--batch_size=4", "--steps_per_epoch=1", "--head_units=8",
+                     "--finetune_epochs=0", "--min_accuracy=1.0", f"--model_dir={model_dir}")
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
@@ -127,15 +130,25 @@ def test_bench_writes_its_ratios_as_json(tmp_path, tiny_tfds_dir):
     """The benchmark runs end to end on local data and writes every ratio it prints (not timed here)."""
     out = tmp_path / "bench.json"
     env = dict(os.environ, PYTHONPATH=REPO)
+    env.pop("ONEDNN_MAX_CPU_ISA", None)
     result = subprocess.run(
-        [sys.executable, "-m", "tools.bench", "--flagfile=configs/smoke.flags", "--dataset=tiny_shapes",
-         f"--data_dir={tiny_tfds_dir}", "--weights=none", f"--model_dir={tmp_path}/run",
-         "--bench_examples=16", "--bench_phase2_steps=2", f"--bench_json={out}"],
+        [sys.executable, "-m", "tools.bench", "--flagfile=configs/smoke.flags", "--mixed_precision=float32",
+         "--dataset=tiny_shapes", f"--data_dir={tiny_tfds_dir}", "--weights=none",
+         f"--model_dir={tmp_path}/run", "--bench_examples=16", "--bench_phase2_steps=2",
+         f"--bench_json={out}"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     results = json.loads(out.read_text())
     assert results["examples"] == 16
-    for key in ("phase1_speedup", "head_epoch_speedup", "pipeline_vs_train_ratio", "matmul_conv_speedup"):
+    for key in ("phase1_speedup", "head_epoch_speedup", "pipeline_vs_train_ratio", "matmul_conv_speedup",
+                "bf16_forward_speedup", "bf16_train_speedup", "matmul_conv_speedup_bf16"):
         assert results[key] > 0, key
+        assert key in result.stdout
     assert results["matmul_conv_layers"] == 6  # VGG16 blocks 4 and 5 run on 4x4 and 2x2 maps at 32 px.
-    assert "matmul_conv_speedup" in result.stdout
+    # The CPU features it saw: the bf16-related subset of this machine's flags.
+    model, flags = distribute.cpu_info()
+    assert results["cpu_model"] == model
+    assert results["cpu_flags"] == [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile",
+                                                "amx_int8") if f in flags]
+    assert results["onednn_max_cpu_isa"] is None
+    assert results["auto_cpu_precision"] == distribute.cpu_precision(flags)[0]

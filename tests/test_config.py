@@ -118,7 +118,7 @@ OLD_RESUME_MAY_CHANGE = {
 OLD_ARCHITECTURE = {"backbone", "image_size", "head_units", "head_batchnorm", "dataset"}
 OLD_NOT_HPARAMS = {"model_dir", "mode", "data_dir"}
 # Fields added since, with the lifetime each was given on purpose.
-ADDED_SINCE = {"max_image_pixels": config_lib.RUNTIME}
+ADDED_SINCE = {"max_image_pixels": config_lib.RUNTIME, "time_budget": config_lib.EXPERIMENT}
 
 
 def test_lifetimes_accept_what_the_old_name_sets_accepted():
@@ -212,3 +212,13 @@ def test_non_finite_floats_are_refused(make_config, name, value):
     """A learning rate of inf or a warmup of nan would pass every range check and fail hours later."""
     with pytest.raises(UserError, match=rf"--{name} must be a finite number. Received: {name}={value}"):
         make_config(**{name: value})
+
+
+def test_an_empty_value_unsets_an_optional_flag(tmp_path):
+    """--time_budget= after a flagfile that sets one runs by the epoch flags again."""
+    flagfile = tmp_path / "budget.flags"
+    flagfile.write_text("--time_budget=30m\n--model_dir=/tmp/x\n")
+    assert parse([f"--flagfile={flagfile}"]).time_budget_seconds == 1800
+    assert parse([f"--flagfile={flagfile}", "--time_budget="]).time_budget is None
+    with pytest.raises(UserError, match="Received: time_budget=30min"):
+        parse([f"--flagfile={flagfile}", "--time_budget=30min"])

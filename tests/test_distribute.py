@@ -70,8 +70,53 @@ def test_multi_worker_without_tf_config_is_a_user_error(monkeypatch):
 
 
 @cpu_only_host
+@pytest.mark.skipif(distribute.AMX_FLAGS <= distribute.cpu_info()[1],
+                    reason="this host's CPU has AMX, where auto is bf16")
 def test_precision_auto_is_float32_on_cpu():
     assert distribute.resolve_precision("auto", tf.distribute.get_strategy()) == "float32"
+
+
+AMX = {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "amx_int8"}
+
+
+@cpu_only_host
+@pytest.mark.parametrize("flags, max_isa, policy, feature", [
+    (set(), None, "float32", "no bf16 matrix units"),
+    ({"avx2", "avx512f"}, None, "float32", "no bf16 matrix units"),
+    ({"avx2", "avx512f", "avx512_bf16"}, None, "float32", "avx512_bf16 but no AMX"),
+    ({"avx512_bf16", "amx_bf16"}, None, "float32", "avx512_bf16 but no AMX"),  # No tile unit.
+    (AMX, None, "mixed_bfloat16", "AMX (amx_bf16)"),
+    (AMX, "avx512_core_amx", "mixed_bfloat16", "AMX (amx_bf16)"),
+    (AMX, "ALL", "mixed_bfloat16", "AMX (amx_bf16)"),
+    (AMX, "AVX512_CORE_BF16", "float32", "ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 hides it"),
+    (AMX, "AVX2", "float32", "ONEDNN_MAX_CPU_ISA=AVX2 hides it"),
+])
+def test_precision_auto_on_each_kind_of_cpu(flags, max_isa, policy, feature, monkeypatch, caplog):
+    if max_isa is None:
+        monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    else:
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", max_isa)
+    caplog.set_level("INFO")
+    assert distribute.resolve_precision("auto", tf.distribute.get_strategy(), cpu_flags=flags) == policy
+    lines = [r.getMessage() for r in caplog.records if "mixed_precision=auto" in r.getMessage()]
+    assert len(lines) == 1 and f"chose {policy}:" in lines[0] and feature in lines[0], lines
+    assert distribute.cpu_precision(flags, max_isa)[1] in lines[0]
+    assert distribute.cpu_info()[0] in lines[0]  # The CPU model, for whoever reads the log.
+
+
+@pytest.mark.parametrize("name", ["float32", "mixed_bfloat16", "mixed_float16"])
+def test_explicit_precision_is_never_overridden(name, monkeypatch):
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    for flags in (set(), AMX):
+        assert distribute.resolve_precision(name, tf.distribute.get_strategy(), cpu_flags=flags) == name
+
+
+def test_cpu_info_reads_model_and_flags(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: Example Xeon\nflags\t\t: fpu avx2 amx_bf16 amx_tile\n\n"
+                       "processor\t: 1\nmodel name\t: Example Xeon\nflags\t\t: fpu\n")
+    assert distribute.cpu_info(str(cpuinfo)) == ("Example Xeon", {"fpu", "avx2", "amx_bf16", "amx_tile"})
+    assert distribute.cpu_info(str(tmp_path / "absent")) == ("unknown", frozenset())
 
 
 def test_known_crash_combination_is_refused(make_config, tiny_splits, mirrored_strategy):
@@ -112,10 +157,10 @@ def _free_ports(n):
 def _start_two_workers(data_dir, model_dir, extra_env=None, extra_args=()):
     ports = _free_ports(2)
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
-    args = ["--flagfile=configs/smoke.flags", "--dataset=tiny_shapes", f"--data_dir={data_dir}",
-            "--backbone=tiny", "--weights=none", "--fine_tune_at=block2_conv1", "--batch_size=4",
-            "--steps_per_epoch=2", "--eval_steps=1", "--head_units=8", "--distribution_strategy=multi_worker",
-            f"--model_dir={model_dir}", *extra_args]
+    args = ["--flagfile=configs/smoke.flags", "--mixed_precision=float32", "--dataset=tiny_shapes",
+            f"--data_dir={data_dir}", "--backbone=tiny", "--weights=none", "--fine_tune_at=block2_conv1",
+            "--batch_size=4", "--steps_per_epoch=2", "--eval_steps=1", "--head_units=8",
+            "--distribution_strategy=multi_worker", f"--model_dir={model_dir}", *extra_args]
     processes = []
     for index in range(2):
         env = dict(os.environ, PYTHONPATH=REPO, **(extra_env or {}),

@@ -275,7 +275,7 @@ def test_cli_on_a_messy_folder(tmp_path, messy_folder):
     result = run_cli("--flagfile=configs/smoke.flags", f"--dataset=folder:{root}", "--backbone=tiny",
                      "--weights=none", "--batch_size=4", "--steps_per_epoch=1", "--head_units=8",
                      "--finetune_epochs=0", "--test_split_fraction=0.2", "--class_weight=balanced",
-                     f"--model_dir={model_dir}")
+                     "--mixed_precision=float32", f"--model_dir={model_dir}")
     assert result.returncode == 0, result.stderr[-3000:]
     log = result.stderr
     assert f"Skipped {len(BAD_FILES)} of 30 images that cannot be read" in log

@@ -26,6 +26,7 @@ def _args(data_dir, model_dir):
             "--steps_per_epoch=4", "--eval_steps=2", "--head_units=8", "--deterministic",
             f"--head_epochs={HEAD_EPOCHS}", f"--finetune_epochs={FINETUNE_EPOCHS}",
             "--finetune_learning_rate=1e-3", "--save_every_steps=2", "--log_every_steps=1",
+            "--mixed_precision=float32",
             f"--model_dir={model_dir}"]
 
 
@@ -196,7 +197,11 @@ def test_sigterm_and_sigint_save_the_step_and_exit_cleanly(signum, code, tmp_pat
     stopped = [line for line in stderr.splitlines() if f"Stopped by {signal.Signals(signum).name}" in line]
     assert len(stopped) == 1 and "run the same command again to resume" in stopped[0], stderr[-3000:]
     state = _state(model_dir)
-    assert (state["epoch"], state["step"]) > (1, 2), state  # It saved the step it had reached.
+    assert (state["epoch"], state["step"]) >= (1, 2), state  # It saved the step it had reached...
+    if state["step"]:  # ...and says which.
+        assert f"after step {state['step']} of epoch {state['epoch'] + 1};" in stopped[0], stopped[0]
+    else:
+        assert f"at the end of epoch {state['epoch']};" in stopped[0], stopped[0]
 
     result = run_cli(*args)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -6,6 +6,7 @@ may change: the resume check, the evaluate/export check and the HParams read lif
 
 import dataclasses
 import math
+import re
 
 from tl_keras.errors import UserError
 from tl_keras.model import registry
@@ -103,6 +104,7 @@ class Config:
     label_smoothing: float = setting(0.0, group=SCHEDULE, lifetime=EXPERIMENT)
     scale_lr_with_batch: bool = setting(False, group=SCHEDULE, lifetime=EXPERIMENT)
     steps_per_epoch: int | None = setting(None, group=SCHEDULE, lifetime=EXPERIMENT)
+    time_budget: str | None = setting(None, group=SCHEDULE, lifetime=EXPERIMENT)
     eval_steps: int | None = setting(None, group=SCHEDULE, lifetime=RUNTIME)
 
     # Devices.
@@ -128,6 +130,10 @@ class Config:
 
     def __post_init__(self):
         self.validate()
+
+    @property
+    def time_budget_seconds(self) -> float | None:
+        return parse_duration(self.time_budget) if self.time_budget else None
 
     @property
     def weights_path(self) -> str | None:
@@ -222,6 +228,18 @@ class Config:
             _fail("--mode=predict needs --images=GLOB", images=self.images)
         if self.top_k < 1:
             _fail("--top_k must be positive", top_k=self.top_k)
+        if self.time_budget is not None:
+            try:
+                seconds = parse_duration(self.time_budget)
+            except ValueError:
+                seconds = 0
+            if not seconds > 0:
+                _fail("--time_budget must be a duration such as 30m, 1h30m or 90s",
+                      time_budget=self.time_budget)
+            if self.cache_features == "true":
+                _fail("--time_budget plans runs that train on images; the feature cache's extraction "
+                      "cannot be timed before it runs. Pass --cache_features=auto or false",
+                      cache_features="true")
         if self.max_image_pixels < 1:
             _fail("--max_image_pixels must be positive", max_image_pixels=self.max_image_pixels)
         if self.log_every_steps is not None and self.log_every_steps < 0:
@@ -270,6 +288,18 @@ def _field(name: str) -> dataclasses.Field:
         return Config.__dataclass_fields__[name]
     except KeyError:
         raise ValueError(f"name must be a Config field. Received: name={name}") from None
+
+
+_DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?$")
+
+
+def parse_duration(text: str) -> float:
+    """'30m', '1h30m', '90s', '1.5h' -> seconds; ValueError when it is none of these."""
+    match = _DURATION.match(text.strip()) if text else None
+    if not match or not any(match.groups()):
+        raise ValueError(f"not a duration such as 30m, 1h30m or 90s: {text!r}")
+    hours, minutes, seconds = (float(g) if g else 0.0 for g in match.groups())
+    return 3600 * hours + 60 * minutes + seconds
 
 
 def differences(saved: dict, config: Config, fields) -> list[str]:

@@ -99,6 +99,10 @@ flags.DEFINE_float("label_smoothing", _DEFAULTS.label_smoothing, "Label smoothin
 flags.DEFINE_boolean("scale_lr_with_batch", _DEFAULTS.scale_lr_with_batch,
                      "Multiply both learning rates by the number of replicas (linear scaling rule).")
 flags.DEFINE_integer("steps_per_epoch", None, "Cap on train steps per epoch, for short runs.")
+flags.DEFINE_string("time_budget", None,
+                    "Finish the whole run (data, training, evaluation, export) within this time, e.g. 30m, "
+                    "1h30m or 90s: phase 1 keeps --head_epochs and phase 2 gets every step that fits, "
+                    "planned from measured speeds (--finetune_epochs then only says that phase 2 runs).")
 flags.DEFINE_integer("eval_steps", None, "Cap on validation and test steps, for short runs.")
 
 # Devices.
@@ -196,8 +200,10 @@ def _show_default(value) -> str:
 def get_config(flag_values=FLAGS) -> config_lib.Config:
     """Turn parsed flags into the frozen Config; raises UserError on bad combinations."""
     kwargs = {}
-    for field in config_lib.Config.__dataclass_fields__:
+    for field, spec in config_lib.Config.__dataclass_fields__.items():
         value = flag_values[field].value
+        if value == "" and spec.default is None:  # --time_budget= unsets what a flagfile set.
+            value = None
         if field == "head_units":
             value = tuple(_parse_units(value))
         elif field == "profile_steps":

@@ -4,7 +4,9 @@ The plain recipe is what blog posts teach: the dataset as numpy arrays in memory
 with batch 32 on the classifier, so the frozen backbone runs again at every step of every epoch.
 tl_keras runs the backbone once (feature extraction), then trains the head on stored features.
 It also times a phase-2 train step with TF's convolutions against the same step with small-map
-convolutions as matmuls (matmul_conv, what training uses on CPU), in alternating rounds.
+convolutions as matmuls (matmul_conv, what training uses on CPU), and float32 against mixed_bfloat16
+for the forward pass and that step, all in alternating rounds, beside the CPU features that decide
+whether `--mixed_precision=auto` picks bf16.
 Absolute img/s vary a lot on shared machines; the ratios, measured in one process, are the headline.
 """
 
@@ -30,9 +32,20 @@ absl_flags.DEFINE_integer("bench_plain_epochs", 1,
                           "Epochs of the plain recipe actually run; its phase-1 time is scaled to "
                           "--head_epochs from their mean (it is the slow side).")
 absl_flags.DEFINE_integer("bench_phase2_steps", 20, "Timed phase-2 train steps (after 3 warm-up steps).")
+absl_flags.DEFINE_boolean("bench_plain", True,
+                          "Run the plain recipe. It dominates the benchmark's time; false leaves its rows "
+                          "and ratios null, to measure the rest quickly.")
+absl_flags.DEFINE_boolean("bench_bf16", True,
+                          "Time mixed_bfloat16 beside float32. false leaves the bf16 rows null: without "
+                          "oneDNN's bf16 kernels (ONEDNN_MAX_CPU_ISA=AVX2) a bf16 step can take minutes.")
+
+# The /proc/cpuinfo flags that bear on bf16; the JSON lists those the CPU has.
+BF16_CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "amx_int8")
+FORWARD_BATCH = 128
 
 
-def run_benchmark(config, num_examples: int, plain_epochs: int = 1, phase2_steps: int = 20) -> dict:
+def run_benchmark(config, num_examples: int, plain_epochs: int = 1, phase2_steps: int = 20,
+                  plain: bool = True, bf16: bool = True) -> dict:
     """Measure everything in this process on the same `num_examples` training images."""
     import keras
     import numpy as np
@@ -43,6 +56,7 @@ def run_benchmark(config, num_examples: int, plain_epochs: int = 1, phase2_steps
     from tl_keras.model import backbones
     from tl_keras.model import classifier
     from tl_keras.model import matmul_conv
+    from tl_keras.training import distribute
     from tl_keras.training import phases
 
     keras.utils.set_random_seed(config.seed)
@@ -54,6 +68,13 @@ def run_benchmark(config, num_examples: int, plain_epochs: int = 1, phase2_steps
     preprocess = backbones.get_preprocessing(config.backbone, config.image_size)
     results = {"examples": n, "image_size": config.image_size, "backbone": config.backbone,
                "batch_size": config.batch_size, "head_epochs": config.head_epochs}
+    cpu_model, cpu_flags = distribute.cpu_info()
+    max_isa = os.environ.get("ONEDNN_MAX_CPU_ISA") or None
+    results["cpu_model"] = cpu_model
+    results["cpu_flags"] = [flag for flag in BF16_CPU_FLAGS if flag in cpu_flags]
+    results["onednn_max_cpu_isa"] = max_isa
+    results["auto_cpu_precision"], results["auto_cpu_precision_reason"] = distribute.cpu_precision(
+        cpu_flags, max_isa)
 
     # The plain recipe's input: every preprocessed image as one numpy array in memory.
     arrays = [(x.numpy(), y.numpy()) for x, y in
@@ -74,16 +95,20 @@ def run_benchmark(config, num_examples: int, plain_epochs: int = 1, phase2_steps
     results["pipeline_img_per_s"] = n / (time.perf_counter() - start)
 
     # 2. Plain recipe: frozen backbone recomputed at every step, batch 32.
-    plain = classifier.build_classifier(config.backbone, config.image_size, classes, config.weights,
-                                        config.head_units, config.head_batchnorm, config.dropout)
-    phases.compile_classifier(plain, config.head_learning_rate, config, classes)
-    timer = _EpochTimer()
-    plain.fit(images, labels, batch_size=32, epochs=plain_epochs, callbacks=[timer], verbose=0)
-    plain_epoch = float(np.mean(timer.seconds))
-    results["plain_epoch_seconds"] = plain_epoch
-    results["plain_epochs_measured"] = plain_epochs
-    results["plain_phase1_seconds"] = plain_epoch * config.head_epochs
-    del plain
+    plain_epoch = None
+    results["plain_epoch_seconds"] = results["plain_phase1_seconds"] = None
+    results["plain_epochs_measured"] = plain_epochs if plain else 0
+    if plain:
+        plain_model = classifier.build_classifier(config.backbone, config.image_size, classes,
+                                                  config.weights, config.head_units, config.head_batchnorm,
+                                                  config.dropout)
+        phases.compile_classifier(plain_model, config.head_learning_rate, config, classes)
+        timer = _EpochTimer()
+        plain_model.fit(images, labels, batch_size=32, epochs=plain_epochs, callbacks=[timer], verbose=0)
+        plain_epoch = float(np.mean(timer.seconds))
+        results["plain_epoch_seconds"] = plain_epoch
+        results["plain_phase1_seconds"] = plain_epoch * config.head_epochs
+        del plain_model
 
     # 3. tl_keras: extract pooled features once, then train the head on them.
     model = classifier.build_classifier(config.backbone, config.image_size, classes, config.weights,
@@ -115,35 +140,88 @@ def run_benchmark(config, num_examples: int, plain_epochs: int = 1, phase2_steps
     images_ds = input_pipeline.build_train_dataset(
         examples, preprocess, config.batch_size, classes, config.augment, config.seed)
 
-    # 5. The same step with small-map convolutions as matmuls (what training uses on CPU), timed
-    # in alternating rounds with the native one so that machine noise hits both alike.
-    fast = classifier.build_classifier(config.backbone, config.image_size, classes, "none",
-                                       config.head_units, config.head_batchnorm, config.dropout,
-                                       matmul_small_convs=True)
-    fast.set_weights(model.get_weights())
-    classifier.unfreeze_backbone(fast, config.fine_tune_at)
-    phases.compile_classifier(fast, config.finetune_learning_rate, config, classes)
-    seconds = {"native": 0.0, "matmul": 0.0}
-    for candidate in (model, fast):
+    # 5. The same step with small-map convolutions as matmuls (what training uses on CPU), and both
+    # forms again under mixed_bfloat16, timed in alternating rounds so that machine noise hits all alike.
+    weights = model.get_weights()
+    candidates = {"native": model,
+                  "matmul": _phase2_model(config, classes, weights, matmul=True, policy="float32")}
+    if bf16:
+        for name, matmul in (("bf16_native", False), ("bf16_matmul", True)):
+            candidates[name] = _phase2_model(config, classes, weights, matmul, policy="mixed_bfloat16")
+    seconds = dict.fromkeys(candidates, 0.0)
+    for candidate in candidates.values():
         candidate.fit(images_ds, steps_per_epoch=3, epochs=1, verbose=0)
     rounds = 2
     for _ in range(rounds):
-        for name, candidate in (("native", model), ("matmul", fast)):
+        for name, candidate in candidates.items():
             start = time.perf_counter()
             candidate.fit(images_ds, steps_per_epoch=phase2_steps, epochs=1, verbose=0)
             seconds[name] += time.perf_counter() - start
     images_timed = rounds * phase2_steps * config.batch_size
-    results["phase2_train_img_per_s"] = images_timed / seconds["native"]
-    results["phase2_matmul_train_img_per_s"] = images_timed / seconds["matmul"]
+    rate = {name: images_timed / s for name, s in seconds.items()}
+    results["phase2_train_img_per_s"] = rate["native"]
+    results["phase2_matmul_train_img_per_s"] = rate["matmul"]
     results["matmul_conv_speedup"] = seconds["native"] / seconds["matmul"]
     results["matmul_conv_layers"] = sum(
-        matmul_conv.is_converted(layer) for layer in fast.get_layer("backbone").layers)
+        matmul_conv.is_converted(layer) for layer in candidates["matmul"].get_layer("backbone").layers)
+    # bf16 against float32 in the form training uses on CPU (small-map convolutions as matmuls).
+    results["phase2_bf16_train_img_per_s"] = rate.get("bf16_native")
+    results["phase2_bf16_matmul_train_img_per_s"] = rate.get("bf16_matmul")
+    results["bf16_train_speedup"] = _ratio(seconds["matmul"], seconds.get("bf16_matmul"))
+    results["matmul_conv_speedup_bf16"] = _ratio(seconds.get("bf16_native"), seconds.get("bf16_matmul"))
 
-    results["phase1_speedup"] = results["plain_phase1_seconds"] / results["tl_keras_phase1_seconds"]
-    results["head_epoch_speedup"] = plain_epoch / results["cached_head_epoch_seconds"]
+    # 6. The forward pass (inference, as feature extraction runs it) at batch 128 of the same images,
+    # float32 against bf16, in alternating rounds.
+    batch = np.resize(images, (FORWARD_BATCH,) + images.shape[1:])  # Repeats a subset smaller than 128.
+    forward = {"float32": candidates["matmul"]}
+    if bf16:
+        forward["bf16"] = candidates["bf16_matmul"]
+    forward_seconds = dict.fromkeys(forward, 0.0)
+    for candidate in forward.values():
+        candidate.predict_on_batch(batch)
+    forward_batches = max(1, phase2_steps // 2)
+    for _ in range(rounds):
+        for name, candidate in forward.items():
+            start = time.perf_counter()
+            for _ in range(forward_batches):
+                candidate.predict_on_batch(batch)
+            forward_seconds[name] += time.perf_counter() - start
+    forward_images = rounds * forward_batches * FORWARD_BATCH
+    results["forward_img_per_s"] = forward_images / forward_seconds["float32"]
+    results["forward_bf16_img_per_s"] = forward_images / forward_seconds["bf16"] if bf16 else None
+    results["bf16_forward_speedup"] = _ratio(forward_seconds["float32"], forward_seconds.get("bf16"))
+
+    results["phase1_speedup"] = _ratio(results["plain_phase1_seconds"], results["tl_keras_phase1_seconds"])
+    results["head_epoch_speedup"] = _ratio(plain_epoch, results["cached_head_epoch_seconds"])
     results["pipeline_vs_train_ratio"] = results["pipeline_img_per_s"] / results["phase2_train_img_per_s"]
     results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return results
+
+
+def _phase2_model(config, classes: int, weights, matmul: bool, policy: str):
+    """The phase-2 classifier under `policy`; layers take the global policy when they are built."""
+    import keras
+
+    from tl_keras.model import classifier
+    from tl_keras.training import phases
+
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        model = classifier.build_classifier(config.backbone, config.image_size, classes, "none",
+                                            config.head_units, config.head_batchnorm, config.dropout,
+                                            matmul_small_convs=matmul)
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+    model.set_weights(weights)
+    classifier.unfreeze_backbone(model, config.fine_tune_at)
+    phases.compile_classifier(model, config.finetune_learning_rate, config, classes)
+    return model
+
+
+def _ratio(numerator, denominator):
+    """numerator / denominator, or None where a side was not measured."""
+    return None if numerator is None or denominator is None else numerator / denominator
 
 
 class _EpochTimer:
@@ -167,28 +245,41 @@ class _EpochTimer:
 
 
 def format_table(results: dict) -> str:
+    def cell(key, form, unit=""):
+        return "skipped" if results[key] is None else f"{results[key]:{form}}{unit}"
+
     rows = [
-        ("input pipeline", f"{results['pipeline_img_per_s']:.0f} img/s"),
-        ("plain recipe: one head epoch", f"{results['plain_epoch_seconds']:.1f} s"),
+        ("input pipeline", cell("pipeline_img_per_s", ".0f", " img/s")),
+        ("plain recipe: one head epoch", cell("plain_epoch_seconds", ".1f", " s")),
         (f"plain recipe: phase 1 ({results['head_epochs']} epochs)",
-         f"{results['plain_phase1_seconds']:.1f} s"),
+         cell("plain_phase1_seconds", ".1f", " s")),
         ("tl_keras: feature extraction", f"{results['extraction_seconds']:.1f} s"
                                          f" ({results['extraction_img_per_s']:.0f} img/s)"),
-        ("tl_keras: one head epoch", f"{results['cached_head_epoch_seconds']:.2f} s"),
+        ("tl_keras: one head epoch", cell("cached_head_epoch_seconds", ".2f", " s")),
         (f"tl_keras: phase 1 ({results['head_epochs']} epochs)",
-         f"{results['tl_keras_phase1_seconds']:.1f} s"),
-        ("phase-2 train step", f"{results['phase2_train_img_per_s']:.0f} img/s"),
+         cell("tl_keras_phase1_seconds", ".1f", " s")),
+        ("phase-2 train step", cell("phase2_train_img_per_s", ".0f", " img/s")),
         (f"phase-2 step, {results['matmul_conv_layers']} convs as matmuls",
-         f"{results['phase2_matmul_train_img_per_s']:.0f} img/s"),
-        ("matmul_conv_speedup", f"{results['matmul_conv_speedup']:.2f}x"),
-        ("phase1_speedup", f"{results['phase1_speedup']:.1f}x"),
-        ("head_epoch_speedup", f"{results['head_epoch_speedup']:.1f}x"),
-        ("pipeline_vs_train_ratio", f"{results['pipeline_vs_train_ratio']:.1f}x"),
-        ("peak_rss_mb", f"{results['peak_rss_mb']:.0f}"),
+         cell("phase2_matmul_train_img_per_s", ".0f", " img/s")),
+        ("matmul_conv_speedup", cell("matmul_conv_speedup", ".2f", "x")),
+        ("phase1_speedup", cell("phase1_speedup", ".1f", "x")),
+        ("head_epoch_speedup", cell("head_epoch_speedup", ".1f", "x")),
+        ("pipeline_vs_train_ratio", cell("pipeline_vs_train_ratio", ".1f", "x")),
+        (f"forward, batch {FORWARD_BATCH}, float32", cell("forward_img_per_s", ".0f", " img/s")),
+        (f"forward, batch {FORWARD_BATCH}, bf16", cell("forward_bf16_img_per_s", ".0f", " img/s")),
+        ("phase-2 step, bf16", cell("phase2_bf16_train_img_per_s", ".0f", " img/s")),
+        ("phase-2 step, bf16, convs as matmuls", cell("phase2_bf16_matmul_train_img_per_s", ".0f", " img/s")),
+        ("bf16_forward_speedup", cell("bf16_forward_speedup", ".2f", "x")),
+        ("bf16_train_speedup", cell("bf16_train_speedup", ".2f", "x")),
+        ("matmul_conv_speedup_bf16", cell("matmul_conv_speedup_bf16", ".2f", "x")),
+        ("peak_rss_mb", cell("peak_rss_mb", ".0f")),
     ]
     width = max(len(name) for name, _ in rows)
     header = (f"{results['examples']} examples, {results['image_size']}px, {results['backbone']}, "
-              f"batch {results['batch_size']}")
+              f"batch {results['batch_size']}\n"
+              f"{results['cpu_model']}; {' '.join(results['cpu_flags']) or 'no bf16-related flags'}; "
+              f"ONEDNN_MAX_CPU_ISA={results['onednn_max_cpu_isa'] or 'unset'}; "
+              f"auto on this CPU: {results['auto_cpu_precision']} ({results['auto_cpu_precision_reason']})")
     return "\n".join([header] + [f"{name:<{width}}  {value}" for name, value in rows])
 
 
@@ -204,7 +295,8 @@ def main(argv):
             raise UserError(f"--bench_examples must be positive. Received: bench_examples="
                             f"{flags.FLAGS.bench_examples}")
         results = run_benchmark(config, flags.FLAGS.bench_examples, flags.FLAGS.bench_plain_epochs,
-                                flags.FLAGS.bench_phase2_steps)
+                                flags.FLAGS.bench_phase2_steps, flags.FLAGS.bench_plain,
+                                flags.FLAGS.bench_bf16)
     except UserError as e:
         sys.exit(f"tools.bench: error: {e}")
     table = format_table(results)

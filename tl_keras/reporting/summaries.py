@@ -41,7 +41,7 @@ GRID_EXAMPLES = 16  # Augmented inputs and misclassified examples shown per grid
 # other version it is left out (and *_input_wait with it) rather than risk breaking training.
 TESTED_KERAS = "3.15"
 # Written once when a run starts, and not again when it resumes.
-RUN_START_TAGS = frozenset({"augmented_inputs", "flags", "_hparams_/experiment",
+RUN_START_TAGS = frozenset({"augmented_inputs", "flags", "plan", "_hparams_/experiment",
                             "_hparams_/session_start_info"})
 # HParams metrics, written to logs/ itself as phase_end/NAME at the end of each phase; the table
 # shows each one's last value. (The plugin cannot find metrics in subfolders of a session that is
@@ -77,9 +77,11 @@ class RunSummaries:
         self.phases = {}  # Phase number -> _PhaseState, shared by that phase's fit() calls.
         self.warned_keras = False
 
-    def write_run_start(self):
-        """HParams, the effective flags, and a grid of augmented training inputs."""
+    def write_run_start(self, plan: str | None = None):
+        """HParams, the effective flags, a --time_budget run's plan, and a grid of augmented inputs."""
         with self.writers["run"].as_default(step=0):
+            if plan:
+                tf.summary.text("plan", plan)
             hparams = hparams_of(self.config)
             hp.hparams_config(
                 hparams=[hp.HParam(name) for name in hparams],

@@ -38,6 +38,8 @@ class RunState:
     step: int = 0
     best_value: float | None = None  # Best validation accuracy so far; None before the first.
     save_id: int = 0
+    plan: dict | None = None  # A --time_budget run's plan (budget.Plan), made once and kept on resume.
+    elapsed_seconds: float = 0.0  # Wall time of the run's processes up to this save.
 
 
 def checkpoint_dir(model_dir: str) -> str:
@@ -201,12 +203,15 @@ class TrainingCheckpoint(keras.callbacks.Callback):
     Phase 1 may fit a head-only model on cached features, so this saves `classifier` explicitly
     rather than whatever model fit() is running; the optimizer comes from the fitted model.
     `step_offset` is the number of steps of the current epoch done before this fit() began (a
-    mid-epoch resume); each fit() gets its own callback.
+    mid-epoch resume), and `steps_per_epoch` the steps of the epochs this fit() runs (a planned phase
+    may end with a shorter one); each fit() gets its own callback.
     """
 
     def __init__(self, classifier: keras.Model, model_dir: str, state: RunState, steps_per_epoch: int,
-                 save_every_steps: int | None = None, step_offset: int = 0, monitor: str = "val_accuracy"):
+                 save_every_steps: int | None = None, step_offset: int = 0, monitor: str = "val_accuracy",
+                 clock=None):
         super().__init__()
+        self.clock = clock  # The run's wall time, recorded with each save.
         self.classifier = classifier
         self.model_dir = model_dir
         self.state = state
@@ -219,7 +224,7 @@ class TrainingCheckpoint(keras.callbacks.Callback):
         done = self.step_offset + batch + 1
         if self.save_every_steps and done % self.save_every_steps == 0 and done < self.steps_per_epoch:
             self.state.step = done
-            save_state(self.model_dir, self.state, self.classifier, self.model)
+            self._save()
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
@@ -231,4 +236,9 @@ class TrainingCheckpoint(keras.callbacks.Callback):
             self.state.best_value = float(value)
             save_weights(self.classifier, os.path.join(directory, BEST))
         self.state.epoch, self.state.step = epoch + 1, 0
+        self._save()
+
+    def _save(self):
+        if self.clock:
+            self.state.elapsed_seconds = round(self.clock(), 2)
         save_state(self.model_dir, self.state, self.classifier, self.model)

@@ -110,8 +110,10 @@ def class_weights(config: Config, splits: pipeline.Splits) -> dict | None:
 
 
 def use_feature_cache(config: Config) -> bool:
+    """auto: on when it is exact (no translations), and off for --time_budget runs, whose plan times
+    training on images."""
     if config.cache_features == "auto":
-        return config.augment != "flip_translate"
+        return config.augment != "flip_translate" and not config.time_budget
     return config.cache_features == "true"
 
 
@@ -127,6 +129,9 @@ def open_feature_cache(config: Config, data: Data) -> feature_cache.FeatureCache
     )
     if config.test_split_fraction:
         key["test_split_fraction"] = config.test_split_fraction
+    precision = keras.mixed_precision.global_policy().name
+    if precision != "float32":  # Stored as float32 either way, but bf16 activations are other values.
+        key["precision"] = precision
     if data.splits.fingerprint:  # Folder datasets: which files, so that changed images are noticed.
         key["examples"] = data.splits.fingerprint
     return feature_cache.FeatureCache(os.path.join(config.model_dir, run_dir.FEATURE_CACHE_DIR), key)

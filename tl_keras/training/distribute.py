@@ -92,19 +92,72 @@ def worker_model_dir(model_dir: str, strategy: tf.distribute.Strategy) -> str:
     return tempfile.mkdtemp(prefix=f"tl_keras_{resolver.task_type}{resolver.task_id}_")
 
 
-def resolve_precision(name: str, strategy: tf.distribute.Strategy) -> str:
-    """auto: mixed_float16 on GPUs of compute capability 7.0 or more, bfloat16 on TPU, else float32."""
+# Linux /proc/cpuinfo flags that give bf16 matrix units (Intel AMX). AVX512_BF16 alone only converts
+# and dots vectors, which on measured CPUs makes bf16 slower than float32 (README, "bf16 on CPUs").
+AMX_FLAGS = frozenset({"amx_bf16", "amx_tile"})
+
+
+def cpu_info(path: str = "/proc/cpuinfo") -> tuple[str, frozenset]:
+    """(model name, feature flags) of the first CPU; ("unknown", empty) where there is no cpuinfo."""
+    model, flags = "unknown", frozenset()
+    try:
+        with open(path) as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "model name" and model == "unknown":
+                    model = value.strip()
+                elif key == "flags" and not flags:
+                    flags = frozenset(value.split())
+                if model != "unknown" and flags:
+                    break
+    except OSError:
+        pass
+    return model, flags
+
+
+def onednn_allows_amx(max_isa: str | None) -> bool:
+    """Whether ONEDNN_MAX_CPU_ISA leaves AMX to oneDNN: unset, ALL/DEFAULT, or an ISA named *AMX*."""
+    if not max_isa:
+        return True
+    max_isa = max_isa.strip().upper()
+    return max_isa in ("ALL", "DEFAULT") or "AMX" in max_isa
+
+
+def cpu_precision(flags, max_isa: str | None = None) -> tuple[str, str]:
+    """(policy, reason) for auto on CPUs: bf16 pays only where matrix units (AMX) do the matmuls."""
+    flags = set(flags)
+    if AMX_FLAGS <= flags:
+        if not onednn_allows_amx(max_isa):
+            return "float32", (f"CPU has AMX (amx_bf16) but ONEDNN_MAX_CPU_ISA={max_isa} hides it "
+                               "from oneDNN: bf16 would be slower than float32")
+        return "mixed_bfloat16", "CPU has AMX (amx_bf16): bf16 matmuls run on its matrix units"
+    if "avx512_bf16" in flags:
+        return "float32", "CPU has avx512_bf16 but no AMX: bf16 would be slower than float32"
+    return "float32", "CPU has no bf16 matrix units (no amx_bf16)"
+
+
+def resolve_precision(name: str, strategy: tf.distribute.Strategy, cpu_flags=None) -> str:
+    """auto: mixed_float16 on GPUs of compute capability 7.0 or more, bfloat16 on TPU, on CPUs what
+    cpu_precision says; an explicit name is kept. `cpu_flags` stands in for the CPU's (tests)."""
     if name != "auto":
         return name
     if isinstance(strategy, tf.distribute.TPUStrategy):
-        return "mixed_bfloat16"
-    gpus = tf.config.list_physical_devices("GPU")
-    if gpus:
+        policy, reason = "mixed_bfloat16", "TPU"
+    elif gpus := tf.config.list_physical_devices("GPU"):
         capabilities = [tf.config.experimental.get_device_details(g).get("compute_capability", (0, 0))
                         for g in gpus]
         if all(c and tuple(c) >= (7, 0) for c in capabilities):
-            return "mixed_float16"
-    return "float32"
+            policy, reason = "mixed_float16", "GPUs of compute capability 7.0 or more"
+        else:
+            policy, reason = "float32", f"a GPU below compute capability 7.0 ({capabilities})"
+    else:
+        model, flags = cpu_info()
+        policy, reason = cpu_precision(flags if cpu_flags is None else cpu_flags,
+                                       os.environ.get("ONEDNN_MAX_CPU_ISA"))
+        reason = f"{reason} ({model})"
+    logging.info("--mixed_precision=auto chose %s: %s.", policy, reason)
+    return policy
 
 
 def computes_on_cpu(strategy: tf.distribute.Strategy) -> bool:

@@ -7,6 +7,7 @@ tf.distribute requires. `strategy` and `splits` can be injected by tests and emb
 import dataclasses
 import os
 import shutil
+import time
 
 from absl import logging
 import keras
@@ -30,6 +31,7 @@ from tl_keras.training import run_dir
 def run(config: Config, strategy: tf.distribute.Strategy | None = None,
         splits: pipeline.Splits | None = None) -> dict:
     """Run config.mode and return the metrics it wrote."""
+    started = time.monotonic()
     run_dir.check_paths(config)
     if config.mode == "predict":
         return predict_lib.run(config)  # The exported SavedModel alone: no strategy, data or model code.
@@ -46,13 +48,13 @@ def run(config: Config, strategy: tf.distribute.Strategy | None = None,
         config = dataclasses.replace(config, model_dir=own_dir)
     try:
         with run_dir.lock(config.model_dir), guards.Signals() as signals:
-            return _run(config, strategy, splits, precision, signals)
+            return _run(config, strategy, splits, precision, signals, started)
     finally:
         if not distribute.is_chief(strategy):
             shutil.rmtree(config.model_dir, ignore_errors=True)
 
 
-def _run(config: Config, strategy, splits, precision: str, signals: guards.Signals) -> dict:
+def _run(config: Config, strategy, splits, precision: str, signals: guards.Signals, started: float) -> dict:
     run_dir.prepare(config)
     if precision != "float32":
         logging.info("Mixed precision: %s.", precision)
@@ -76,7 +78,7 @@ def _run(config: Config, strategy, splits, precision: str, signals: guards.Signa
     run_dir.check_dataset(config, splits.class_names, splits.fingerprint)
     data = datasets.build_data(config, splits)
     if config.mode == "train":
-        return phases.train_and_export(config, strategy, data, signals)
+        return phases.train_and_export(config, strategy, data, signals, started)
     model = restore_classifier(config, strategy, splits.num_classes)
     if config.mode == "evaluate":
         result = evaluation.evaluate(model, data.test, data.eval_steps, config.label_smoothing)
