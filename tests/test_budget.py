@@ -121,7 +121,7 @@ def test_a_budget_run_plans_follows_and_keeps_its_plan(make_config, caplog, tmp_
 
     watcher = threading.Thread(target=stop_in_phase_two, daemon=True)
     watcher.start()
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.INFO, logger="absl"):
         with pytest.raises(Interrupted):
             train.run(config, splits=splits)
     watcher.join()
@@ -129,7 +129,7 @@ def test_a_budget_run_plans_follows_and_keeps_its_plan(make_config, caplog, tmp_
     with open(state_file) as f:
         plan = json.load(f)["plan"]
     caplog.clear()
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.INFO, logger="absl"):
         metrics = train.run(config, splits=splits)
     assert any("Keeping the plan made when the run began" in r.getMessage() for r in caplog.records)
     assert not any(r.getMessage().startswith("Measured:") for r in caplog.records)

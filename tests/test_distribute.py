@@ -96,7 +96,7 @@ def test_precision_auto_on_each_kind_of_cpu(flags, max_isa, policy, feature, mon
         monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
     else:
         monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", max_isa)
-    caplog.set_level("INFO")
+    caplog.set_level("INFO", logger="absl")
     assert distribute.resolve_precision("auto", tf.distribute.get_strategy(), cpu_flags=flags) == policy
     lines = [r.getMessage() for r in caplog.records if "mixed_precision=auto" in r.getMessage()]
     assert len(lines) == 1 and f"chose {policy}:" in lines[0] and feature in lines[0], lines

@@ -285,7 +285,7 @@ def test_another_keras_trains_untimed(tmp_path, make_config, monkeypatch, caplog
     monkeypatch.setattr(keras, "__version__", "3.99.0")
     batch = (tf.zeros([4, 4]), tf.one_hot([0, 1, 2, 0], 3))
     dataset = tf.data.Dataset.from_tensors(batch).repeat()
-    with caplog.at_level("WARNING"):
+    with caplog.at_level("WARNING", logger="absl"):
         scalars = _fit_with_summaries(tmp_path, make_config, dataset)
     assert "batch_loss" in scalars and "epoch_throughput" in scalars
     assert not {"batch_input_wait", "epoch_input_wait"} & set(scalars)
