@@ -119,28 +119,33 @@ def _plan(config: Config, strategy, data: datasets.Data, state, clock) -> budget
         logging.info("Keeping the plan made when the run began. %s.", plan.describe())
         return plan
     rates = _measure_rates(config, strategy, data)
-    batch = config.batch_size
-    capped = (lambda n: min(n, config.eval_steps * batch)) if config.eval_steps else (lambda n: n)
-    plan = budget.make_plan(config.time_budget_seconds, clock(), data.train_steps, batch,
-                            capped(data.splits.num_validation), capped(data.splits.num_test), rates,
-                            config.head_epochs, finetune=bool(config.finetune_epochs))
+    plan = budget.make_plan(config.time_budget_seconds, clock(), data.train_steps, config.batch_size,
+                            *_evaluated_examples(config, data), rates, config.head_epochs,
+                            finetune=bool(config.finetune_epochs))
     logging.info("%s.", plan.describe())
+    _store_plan(plan, config, state, clock)
+    return plan
+
+
+def _evaluated_examples(config: Config, data: datasets.Data) -> tuple[int, int]:
+    """(validation, test) examples that one evaluation pass reads: all, or --eval_steps batches."""
+    def capped(n: int) -> int:
+        return min(n, config.eval_steps * config.batch_size) if config.eval_steps else n
+    return capped(data.splits.num_validation), capped(data.splits.num_test)
+
+
+def _store_plan(plan: budget.Plan, config: Config, state, clock):
     state.plan = plan.to_dict()
     state.elapsed_seconds = round(clock(), 2)
     checkpointing.save_state(config.model_dir, state)
-    return plan
 
 
 def _fix_last_phase(plan: budget.Plan, config: Config, data: datasets.Data, state, clock):
     """Phase 2's steps from the time actually left when it starts; stored, so a resume keeps them."""
-    capped = (lambda n: min(n, config.eval_steps * config.batch_size)) if config.eval_steps else (lambda n: n)
-    fixed = plan.fix_last(clock(), capped(data.splits.num_validation), capped(data.splits.num_test),
-                          config.batch_size)
+    fixed = plan.fix_last(clock(), *_evaluated_examples(config, data), config.batch_size)
     logging.info("Phase 2 starts %s into the budget: %d steps (%.2f epochs; planned %.2f).",
                  budget.minutes(clock()), fixed.finetune_steps, fixed.finetune_epochs, plan.finetune_epochs)
-    state.plan = fixed.to_dict()
-    state.elapsed_seconds = round(clock(), 2)
-    checkpointing.save_state(config.model_dir, state)
+    _store_plan(fixed, config, state, clock)
     return fixed, phase_lengths(config, data.train_steps, fixed)
 
 
