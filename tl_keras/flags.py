@@ -111,8 +111,9 @@ flags.DEFINE_enum("distribution_strategy", _DEFAULTS.distribution_strategy, conf
 flags.DEFINE_integer("num_gpus", None, "mirrored: use the first N GPUs (default: all).")
 flags.DEFINE_string("tpu", None, "tpu: the TPU name or address for TPUClusterResolver.")
 flags.DEFINE_enum("mixed_precision", _DEFAULTS.mixed_precision, config_lib.PRECISIONS,
-                  "auto: mixed_float16 on GPUs of compute capability >= 7.0, mixed_bfloat16 on TPU, "
-                  "float32 on CPU. The final layer, the loss and the export's outputs stay float32.")
+                  "auto: mixed_float16 on GPUs of compute capability >= 7.0, mixed_bfloat16 on TPU and on "
+                  "CPUs with AMX, else float32. The final layer, the loss and the export's outputs stay "
+                  "float32.")
 flags.DEFINE_boolean("jit_compile", _DEFAULTS.jit_compile, "Compile train steps with XLA.")
 flags.DEFINE_integer("steps_per_execution", _DEFAULTS.steps_per_execution,
                      "Train steps per tf.function call (fewer host round trips on fast accelerators).")
@@ -122,7 +123,7 @@ flags.DEFINE_boolean("export_tflite", _DEFAULTS.export_tflite,
                      "Also write model.tflite into the export version directory.")
 flags.DEFINE_float("min_accuracy", None,
                    "Fail training (exit 1, no export) when the final test accuracy is below this.")
-flags.DEFINE_string("images", None, "--mode=predict: glob of image files (JPEG, PNG, GIF, BMP), or a folder.")
+flags.DEFINE_string("images", None, "--mode=predict: glob of image files (JPEG, PNG, GIF, BMP, WebP), or a folder.")
 flags.DEFINE_string("export_dir", None,
                     "--mode=predict: SavedModel to load. Default: the latest version under model_dir/export.")
 flags.DEFINE_string("output_json", None, "--mode=predict: also write the predictions to this JSON file.")
