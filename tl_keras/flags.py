@@ -123,7 +123,8 @@ flags.DEFINE_boolean("export_tflite", _DEFAULTS.export_tflite,
                      "Also write model.tflite into the export version directory.")
 flags.DEFINE_float("min_accuracy", None,
                    "Fail training (exit 1, no export) when the final test accuracy is below this.")
-flags.DEFINE_string("images", None, "--mode=predict: glob of image files (JPEG, PNG, GIF, BMP, WebP), or a folder.")
+flags.DEFINE_string("images", None,
+                    "--mode=predict: glob of image files (JPEG, PNG, GIF, BMP, WebP), or a folder.")
 flags.DEFINE_string("export_dir", None,
                     "--mode=predict: SavedModel to load. Default: the latest version under model_dir/export.")
 flags.DEFINE_string("output_json", None, "--mode=predict: also write the predictions to this JSON file.")
