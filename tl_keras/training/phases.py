@@ -11,8 +11,6 @@ from absl import logging
 import keras
 
 from tl_keras.config import Config
-from tl_keras.errors import UserError
-from tl_keras.model import backbones
 from tl_keras.model import classifier
 from tl_keras.reporting import evaluation
 from tl_keras.reporting import summaries
@@ -21,6 +19,7 @@ from tl_keras.training import budget
 from tl_keras.training import checkpointing
 from tl_keras.training import datasets
 from tl_keras.training import distribute
+from tl_keras.training import exporting
 from tl_keras.training import guards
 from tl_keras.training import multi_worker_compat
 from tl_keras.training import run_dir
@@ -84,13 +83,14 @@ def train_and_export(config: Config, strategy, data: datasets.Data,
         board.close()  # Each epoch flushes, so a crash loses at most the current epoch's points.
     if state.phase == "export":
         if config.min_accuracy is not None:
-            _check_min_accuracy(config, metrics, model, data)
+            exporting.check_min_accuracy(config, metrics.get("finetune") or metrics.get("head"), model,
+                                         data.test, data.eval_steps)
         if not state.export_dir:
             state.export_dir = export_lib.next_version_dir(os.path.join(config.model_dir, run_dir.EXPORT_DIR))
             checkpointing.save_state(config.model_dir, state)
         checkpointing.save_weights(
             model, os.path.join(checkpointing.checkpoint_dir(config.model_dir), checkpointing.LATEST))
-        metrics["export_path"] = export(model, config, data.splits.class_names, state.export_dir)
+        metrics["export_path"] = exporting.export(model, config, data.splits.class_names, state.export_dir)
         run_dir.update_metrics(config.model_dir, {"export_path": metrics["export_path"]})
         if plan:
             metrics["budget"] = _budget_report(plan, metrics, clock())
@@ -177,27 +177,6 @@ def _budget_report(plan: budget.Plan, metrics: dict, total: float) -> dict:
     actual = {name: metrics[name]["wall_seconds"] for name in ("head", "finetune") if name in metrics}
     return {"plan": plan.to_dict(), "actual_seconds": round(total, 2), "actual_phase_seconds": actual,
             "budget_used": round(total / plan.budget_seconds, 4)}
-
-
-def export(model: keras.Model, config: Config, class_names, version_dir: str | None = None) -> str:
-    """The SavedModel (and TFLite file) of `model`, with the training pipeline's own preprocessing."""
-    return export_lib.export_saved_model(
-        model, os.path.join(config.model_dir, run_dir.EXPORT_DIR),
-        backbones.get_preprocessing(config.backbone, config.image_size), class_names,
-        tflite=config.export_tflite, version_dir=version_dir, max_image_pixels=config.max_image_pixels)
-
-
-def _check_min_accuracy(config: Config, metrics: dict, model: keras.Model, data: datasets.Data):
-    """Refuse to export a model whose final test accuracy is below --min_accuracy."""
-    final = metrics.get("finetune") or metrics.get("head")
-    if final is None:  # No phase ran, so nothing measured the model yet.
-        result = evaluation.evaluate(model, data.test, data.eval_steps, config.label_smoothing)
-        final = evaluation.prefixed(result.metrics, "test")
-    accuracy = final["test_accuracy"]
-    if accuracy < config.min_accuracy:
-        raise UserError(f"Test accuracy {accuracy:.4f} is below --min_accuracy, so nothing was exported "
-                        f"(checkpoints and metrics.json are kept). "
-                        f"Received: min_accuracy={config.min_accuracy}")
 
 
 def train_head(model: keras.Model, phase: datasets.PhaseData, config: Config, strategy, train_steps: int,

@@ -22,6 +22,7 @@ from tl_keras.serving import predict as predict_lib
 from tl_keras.training import checkpointing
 from tl_keras.training import datasets
 from tl_keras.training import distribute
+from tl_keras.training import exporting
 from tl_keras.training import guards
 from tl_keras.training import multi_worker_compat
 from tl_keras.training import phases
@@ -87,7 +88,7 @@ def _run(config: Config, strategy, splits, precision: str, signals: guards.Signa
         metrics = {"test": evaluation.prefixed(result.metrics, "test")}
         run_dir.update_metrics(config.model_dir, metrics)
         return dict(metrics, report=report)
-    return {"export_path": phases.export(model, config, splits.class_names)}
+    return {"export_path": exporting.export(model, config, splits.class_names)}
 
 
 def restore_classifier(config: Config, strategy, num_classes: int) -> keras.Model:
