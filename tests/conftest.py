@@ -53,6 +53,8 @@ def make_config(tmp_path):
             batch_size=4, head_epochs=1, finetune_epochs=1, steps_per_epoch=1, eval_steps=None,
             fine_tune_at="block2_conv1", head_units=(8,), distribution_strategy="default",
             augment="none", cache_features="false", mixed_precision="float32")
+        if overrides.get("unfreeze_schedule"):  # It replaces both; the fixture's values would conflict.
+            del settings["finetune_epochs"], settings["fine_tune_at"]
         settings.update(overrides)
         return config_lib.Config(**settings)
     return make

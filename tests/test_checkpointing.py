@@ -9,7 +9,7 @@ from tl_keras import config as config_lib
 from tl_keras.model import backbones
 from tl_keras.model import classifier
 from tl_keras.training import checkpointing
-from tl_keras.training import phases
+from tl_keras.training import schedule
 
 from helpers import make_examples
 
@@ -17,7 +17,7 @@ from helpers import make_examples
 def _trained_model(seed: int):
     config = config_lib.Config(model_dir="unused", backbone="tiny", weights="none")
     model = classifier.build_classifier("tiny", 32, 3, "none", head_units=(8,))
-    phases.compile_classifier(model, 1e-2, config, 3)
+    schedule.compile_classifier(model, 1e-2, config, 3)
     images, labels = make_examples(8, seed=seed)
     inputs = backbones.get_preprocessing("tiny", 32)(images)
     model.fit(inputs, tf.one_hot(labels, 3), batch_size=4, epochs=1, verbose=0)

@@ -62,7 +62,7 @@ def test_end_to_end_train_then_evaluate_and_export(tmp_path, tiny_tfds_dir):
     result = run_cli(*common)
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((model_dir / "metrics.json").read_text())
-    assert {"head", "finetune"} <= set(metrics)
+    assert {"head", "finetune"} <= set(metrics["stages"])
     saved = tf.saved_model.load(str(model_dir / "export" / "1"))
     images, _ = make_examples(2, seed=3)
     out = saved.signatures["serving_default"](images=tf.constant(images))
@@ -93,7 +93,7 @@ def test_min_accuracy_fails_training_and_skips_the_export(tmp_path, tiny_tfds_di
     assert last.startswith("tl_keras: error: Test accuracy") and "below --min_accuracy" in last
     assert last.endswith("Received: min_accuracy=1.0")
     metrics = json.loads((model_dir / "metrics.json").read_text())
-    assert metrics["head"]["test_accuracy"] < 1.0  # The final phase's accuracy is what is checked.
+    assert metrics["stages"]["head"]["test_accuracy"] < 1.0  # The last stage is what is checked.
     assert "export_path" not in metrics
     assert not (model_dir / "export").exists()
     assert (model_dir / "checkpoints" / "latest.weights.h5").exists()

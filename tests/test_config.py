@@ -118,7 +118,13 @@ OLD_RESUME_MAY_CHANGE = {
 OLD_ARCHITECTURE = {"backbone", "image_size", "head_units", "head_batchnorm", "dataset"}
 OLD_NOT_HPARAMS = {"model_dir", "mode", "data_dir"}
 # Fields added since, with the lifetime each was given on purpose.
-ADDED_SINCE = {"max_image_pixels": config_lib.RUNTIME, "time_budget": config_lib.EXPERIMENT}
+ADDED_SINCE = {"max_image_pixels": config_lib.RUNTIME, "time_budget": config_lib.EXPERIMENT,
+               "unfreeze_schedule": config_lib.EXPERIMENT, "stage_lr_schedule": config_lib.EXPERIMENT,
+               "layerwise_lr_decay": config_lib.EXPERIMENT, "early_stopping_patience": config_lib.EXPERIMENT,
+               "lr_find_stage": config_lib.RUNTIME, "lr_find_steps": config_lib.RUNTIME,
+               # Applied after training (export, calibration, parity): a resumed run may change them.
+               "export_formats": config_lib.RUNTIME, "parity_examples": config_lib.RUNTIME,
+               "calibrate": config_lib.RUNTIME, "target_accuracy": config_lib.RUNTIME}
 
 
 def test_lifetimes_accept_what_the_old_name_sets_accepted():

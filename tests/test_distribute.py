@@ -17,7 +17,7 @@ from tl_keras.errors import UserError
 from tl_keras.model import backbones
 from tl_keras.model import classifier
 from tl_keras.training import distribute
-from tl_keras.training import phases
+from tl_keras.training import schedule
 from tl_keras.training import run as train
 
 from helpers import REPO, cpu_only_host, make_examples
@@ -136,8 +136,8 @@ def test_mixed_bfloat16_trains_and_exports_float32(make_config, tiny_splits):
 
 def test_scale_lr_with_batch(make_config, tiny_splits, mirrored_strategy, monkeypatch):
     seen = []
-    real = phases.compile_classifier
-    monkeypatch.setattr(phases, "compile_classifier",
+    real = schedule.compile_classifier
+    monkeypatch.setattr(schedule, "compile_classifier",
                         lambda model, lr, *a, **k: (seen.append(lr), real(model, lr, *a, **k)))
     train.run(make_config(scale_lr_with_batch=True, finetune_epochs=0), strategy=mirrored_strategy,
               splits=tiny_splits)
@@ -188,7 +188,7 @@ def _run_two_workers(data_dir, model_dir, extra_env=None, timeout=420, extra_arg
 
 
 @pytest.mark.slow
-def test_multi_worker_runs_both_phases_with_one_export(tmp_path, tiny_tfds_dir):
+def test_multi_worker_runs_both_stages_with_one_export(tmp_path, tiny_tfds_dir):
     model_dir = tmp_path / "run"
     results = _run_two_workers(tiny_tfds_dir, model_dir)
     for code, stderr in results:
@@ -196,7 +196,7 @@ def test_multi_worker_runs_both_phases_with_one_export(tmp_path, tiny_tfds_dir):
     assert "Not the chief" in results[1][1] and "Not the chief" not in results[0][1]
     assert sorted(os.listdir(model_dir / "export")) == ["1", "labels.txt"]
     metrics = json.loads((model_dir / "metrics.json").read_text())
-    assert {"head", "finetune"} <= set(metrics)
+    assert {"head", "finetune"} <= set(metrics["stages"])
     # Both workers trained the same model: identical losses in their logs.
     losses = [[line.split(" loss: ")[1].split()[0] for line in output.splitlines() if " loss: " in line]
               for _, output in results]
@@ -229,7 +229,7 @@ def test_two_workers_killed_and_restarted_finish_like_an_uninterrupted_pair(tmp_
     state_file = model_dir / "checkpoints" / "state.json"
     deadline = time.time() + 300
     try:
-        while True:  # Mid phase 2: its first epoch and two steps of the next done.
+        while True:  # Mid-way through fine-tuning: its first epoch and two steps of the next done.
             state = json.loads(state_file.read_text()) if state_file.exists() else {}
             if (state.get("epoch"), state.get("step")) == (3, 2):
                 break
@@ -245,6 +245,7 @@ def test_two_workers_killed_and_restarted_finish_like_an_uninterrupted_pair(tmp_
         assert code == 0, output[-3000:]
         assert "3 epochs and 2 steps done" in output, output[-3000:]
     metrics = json.loads((model_dir / "metrics.json").read_text())
-    for phase in ("head", "finetune"):
+    for name in ("head", "finetune"):
         for key in ("test_accuracy", "test_loss"):
-            assert metrics[phase][key] == pytest.approx(uninterrupted[phase][key], abs=1e-4), (phase, key)
+            expected = uninterrupted["stages"][name][key]
+            assert metrics["stages"][name][key] == pytest.approx(expected, abs=1e-4), (name, key)

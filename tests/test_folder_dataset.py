@@ -216,7 +216,7 @@ def test_class_weight_balanced_reaches_fit(make_config, tmp_path, monkeypatch, c
     out = saved.signatures["serving_default"](images=tf.constant(photo(0, 1)[None]))
     assert out["class_names"].numpy()[0].decode() in ("few", "many")
     with open(os.path.join(model_dir, "metrics.json")) as f:
-        assert {"head", "finetune"} <= set(json.load(f))
+        assert {"head", "finetune"} <= set(json.load(f)["stages"])
 
 
 def test_balanced_weights_and_counting_tfds_style_splits(tiny_splits):

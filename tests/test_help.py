@@ -36,7 +36,7 @@ def test_help_text_shows_defaults_and_choices():
     text = tl_flags.help_text()
     assert "  --image_size (default: 32)\n" in text
     assert "  --[no]head_batchnorm (default: true)\n" in text
-    assert "  --mode=<train|evaluate|export|predict> (default: train)\n" in text
+    assert "  --mode=<train|evaluate|export|predict|lr_find> (default: train)\n" in text
     assert "  --head_units (default: 256)\n" in text
     assert all(len(line) <= 100 for line in text.splitlines())
 

@@ -21,5 +21,5 @@ def test_vgg16_learns_cifar10_subset(tmp_path):
         head_epochs=2, finetune_epochs=2, fine_tune_at="block5_conv1", finetune_learning_rate=2e-4,
         log_every_steps=0)
     metrics = train.run(config)
-    assert metrics["head"]["test_accuracy"] >= 0.25, metrics
-    assert metrics["finetune"]["test_accuracy"] >= 0.25, metrics
+    assert metrics["stages"]["head"]["test_accuracy"] >= 0.25, metrics
+    assert metrics["stages"]["finetune"]["test_accuracy"] >= 0.25, metrics

@@ -17,14 +17,21 @@ from helpers import REPO, run_cli
 # Real subprocesses of the command line: the slow tier.
 pytestmark = pytest.mark.slow
 
-HEAD_EPOCHS, FINETUNE_EPOCHS = 2, 2
+# Four stages: the head, then gradual unfreezing in three stages with layer-wise learning rates.
+HEAD_EPOCHS = 2
+UNFREEZE = (("block3_conv1", 1), ("block2_conv1", 1), ("all", 1))
+STAGES = ["head"] + [f"unfreeze_{layer}" for layer, _ in UNFREEZE]
+EPOCHS = HEAD_EPOCHS + sum(epochs for _, epochs in UNFREEZE)
 
 
-def _args(data_dir, model_dir):
+def _args(data_dir, model_dir, gradual=True):
+    """The four-stage run; with gradual=False, a head-only one whose flags the test adds."""
+    schedule = ",".join(f"{layer}={epochs}" for layer, epochs in UNFREEZE)
+    stages = [f"--unfreeze_schedule={schedule}", "--layerwise_lr_decay=0.5"] if gradual else []
     return ["--flagfile=configs/smoke.flags", "--dataset=tiny_shapes", f"--data_dir={data_dir}",
-            "--backbone=tiny", "--weights=none", "--fine_tune_at=block2_conv1", "--batch_size=4",
+            "--backbone=tiny", "--weights=none", "--batch_size=4",
             "--steps_per_epoch=4", "--eval_steps=2", "--head_units=8", "--deterministic",
-            f"--head_epochs={HEAD_EPOCHS}", f"--finetune_epochs={FINETUNE_EPOCHS}",
+            f"--head_epochs={HEAD_EPOCHS}", *stages,
             "--finetune_learning_rate=1e-3", "--save_every_steps=2", "--log_every_steps=1",
             "--mixed_precision=float32",
             f"--model_dir={model_dir}"]
@@ -54,14 +61,15 @@ def _saving(model_dir):
 
 
 KILL_POINTS = {
-    # In phase 1, mid-epoch: one epoch and part of the next done.
-    "phase1": lambda d: (_state(d) or {}).get("epoch") == 1 and _state(d).get("step") == 2,
-    # At the boundary: phase 1 finished and evaluated, phase 2 not yet at its first save.
-    "boundary": lambda d: (_state(d) or {}).get("phase") == "finetune"
+    # In the head stage, mid-epoch: one epoch and part of the next done.
+    "head": lambda d: (_state(d) or {}).get("epoch") == 1 and _state(d).get("step") == 2,
+    # At the boundary: the head stage finished and evaluated, stage 1 not yet at its first save.
+    "boundary": lambda d: (_state(d) or {}).get("stage") == 1
     and _state(d).get("epoch") == HEAD_EPOCHS and _state(d).get("step") == 0,
-    # In phase 2, after its first epoch.
-    "phase2": lambda d: (_state(d) or {}).get("phase") == "finetune"
-    and _state(d).get("epoch") == HEAD_EPOCHS + 1,
+    # Mid-epoch in the third stage, whose optimizer gives each block its own rate.
+    "stage2": lambda d: (_state(d) or {}).get("stage") == 2 and _state(d).get("step") == 2,
+    # In the last stage, after the others finished.
+    "last_stage": lambda d: (_state(d) or {}).get("stage") == 3 and _state(d).get("step") == 2,
     # While the SavedModel is being written.
     "export": _export_in_progress,
     # Inside save_state; the rerun also finds the leftovers of other kills (see _plant_leftovers).
@@ -123,22 +131,24 @@ def test_resume_after_sigkill_matches_uninterrupted(point, tmp_path, tiny_tfds_d
     model_dir = tmp_path / "run"
     args = _args(tiny_tfds_dir, model_dir)
     killed_at = _run_and_kill(args, str(model_dir), KILL_POINTS[point])
-    assert killed_at is not None and killed_at["phase"] != "done", killed_at
+    assert killed_at is not None and killed_at["status"] != "done", killed_at
     if point == "save_state":
         _plant_leftovers(str(model_dir))
 
     result = run_cli(*args)
     assert result.returncode == 0, result.stderr[-3000:]
     state = _state(model_dir)
-    assert state["phase"] == "done" and state["epoch"] == HEAD_EPOCHS + FINETUNE_EPOCHS
-    if point in ("boundary", "phase2", "export"):
-        assert "Phase 1 (head)" not in result.stderr, "phase 1 ran again after it had finished"
+    assert state["status"] == "done" and state["epoch"] == EPOCHS
+    if point != "head":
+        assert "Stage 0 (head):" not in result.stderr, "the head stage ran again after it had finished"
     metrics = json.loads((model_dir / "metrics.json").read_text())
-    for phase in ("head", "finetune"):
+    assert sorted(metrics["stages"], key=lambda name: metrics["stages"][name]["index"]) == STAGES
+    for name in STAGES:
         for key in ("test_accuracy", "test_loss"):
-            assert metrics[phase][key] == pytest.approx(uninterrupted[phase][key], abs=1e-4), (phase, key)
+            expected = uninterrupted["stages"][name][key]
+            assert metrics["stages"][name][key] == pytest.approx(expected, abs=1e-4), (name, key)
     # Every epoch logged exactly once, across the interruption.
-    expected = list(range(HEAD_EPOCHS + FINETUNE_EPOCHS))
+    expected = list(range(EPOCHS))
     assert _epoch_steps(model_dir, "train") == expected
     assert _epoch_steps(model_dir, "validation") == expected
     batch_steps = _epoch_steps(model_dir, "train", "batch_loss")
@@ -148,20 +158,20 @@ def test_resume_after_sigkill_matches_uninterrupted(point, tmp_path, tiny_tfds_d
 
 def test_finished_run_does_nothing_and_overwrite_starts_fresh(tmp_path, tiny_tfds_dir):
     model_dir = tmp_path / "run"
-    args = _args(tiny_tfds_dir, model_dir) + ["--head_epochs=1", "--finetune_epochs=0"]
+    args = _args(tiny_tfds_dir, model_dir, gradual=False) + ["--head_epochs=1", "--finetune_epochs=0"]
     assert run_cli(*args).returncode == 0
     before = (model_dir / "metrics.json").read_text()
     again = run_cli(*args)
     assert again.returncode == 0 and "nothing to do" in again.stderr
     assert (model_dir / "metrics.json").read_text() == before
     fresh = run_cli(*args, "--overwrite")
-    assert fresh.returncode == 0 and "Phase 1 (head)" in fresh.stderr
+    assert fresh.returncode == 0 and "Stage 0 (head):" in fresh.stderr
     assert sorted(os.listdir(model_dir / "export")) == ["1", "labels.txt"]
 
 
 def test_resume_with_other_settings_lists_the_differences(tmp_path, tiny_tfds_dir):
     model_dir = tmp_path / "run"
-    args = _args(tiny_tfds_dir, model_dir) + ["--head_epochs=1", "--finetune_epochs=0"]
+    args = _args(tiny_tfds_dir, model_dir, gradual=False) + ["--head_epochs=1", "--finetune_epochs=0"]
     assert run_cli(*args).returncode == 0
     changed = run_cli(*args, "--batch_size=8", "--head_learning_rate=0.5")
     assert changed.returncode != 0
@@ -182,7 +192,7 @@ def test_sigterm_and_sigint_save_the_step_and_exit_cleanly(signum, code, tmp_pat
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 300
-        while not KILL_POINTS["phase1"](str(model_dir)):  # One epoch and two steps of the next done.
+        while not KILL_POINTS["head"](str(model_dir)):  # One epoch and two steps of the next done.
             assert process.poll() is None, process.stderr.read()[-2000:]
             assert time.time() < deadline, "never reached the middle of epoch 2"
             time.sleep(0.005)
@@ -207,6 +217,7 @@ def test_sigterm_and_sigint_save_the_step_and_exit_cleanly(signum, code, tmp_pat
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"{state['epoch']} epochs and {state['step']} steps done" in result.stderr
     metrics = json.loads((model_dir / "metrics.json").read_text())
-    for phase in ("head", "finetune"):
+    for name in STAGES:
         for key in ("test_accuracy", "test_loss"):
-            assert metrics[phase][key] == pytest.approx(uninterrupted[phase][key], abs=1e-4), (phase, key)
+            expected = uninterrupted["stages"][name][key]
+            assert metrics["stages"][name][key] == pytest.approx(expected, abs=1e-4), (name, key)

@@ -30,7 +30,7 @@ def _config(model_dir, **overrides):
         model_dir=str(model_dir), backbone="tiny", weights="none", image_size=32, batch_size=4,
         head_epochs=1, finetune_epochs=1, steps_per_epoch=2, fine_tune_at="block2_conv1", head_units=(8,),
         distribution_strategy="default", augment="none", cache_features="false", export_tflite=True,
-        min_accuracy=0.0)
+        min_accuracy=0.0, calibrate="false")  # Served probabilities are then the Keras model's own.
     settings.update(overrides)
     return config_lib.Config(**settings)
 
@@ -69,7 +69,7 @@ def test_export_layout_and_labels(trained):
 
 def test_signatures_declare_inputs_and_outputs(signatures):
     assert {"serving_default", "serve_bytes"} <= set(signatures)
-    outputs = {"probabilities", "classes", "class_names"}
+    outputs = {"logits", "probabilities", "classes", "class_names"}
     images = signatures["serving_default"].structured_input_signature[1]["images"]
     assert images.dtype == tf.uint8 and images.shape.as_list() == [None, None, None, 3]
     image_bytes = signatures["serve_bytes"].structured_input_signature[1]["image_bytes"]
@@ -83,6 +83,10 @@ def test_serving_default_round_trip(trained, signatures):
     expected = _keras_probabilities(trained[2], images)
     served = signatures["serving_default"](images=tf.constant(images))
     np.testing.assert_allclose(served["probabilities"].numpy(), expected, atol=1e-5)
+    # Logits before the softmax (not log-probabilities): shifted, they are the log-probabilities.
+    logits = served["logits"].numpy()
+    np.testing.assert_allclose(tf.nn.softmax(logits).numpy(), served["probabilities"].numpy(), atol=1e-6)
+    assert np.abs(tf.reduce_logsumexp(logits, axis=-1).numpy()).max() > 1e-3
     np.testing.assert_array_equal(served["classes"].numpy(), expected.argmax(1))
     assert [n.decode() for n in served["class_names"].numpy()] == [CLASS_NAMES[i] for i in expected.argmax(1)]
 

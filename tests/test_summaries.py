@@ -29,7 +29,7 @@ from tl_keras.model import registry
 from tl_keras.reporting import evaluation
 from tl_keras.reporting import images
 from tl_keras.reporting import summaries
-from tl_keras.training import phases
+from tl_keras.training import schedule
 from tl_keras.training import run as train
 
 from helpers import CLASS_NAMES, make_splits
@@ -38,9 +38,9 @@ STEPS_PER_EPOCH = 3
 LOG_EVERY = 2
 EPOCH_TAGS = {"epoch_loss", "epoch_accuracy", "epoch_top5_accuracy"}
 TRAIN_TAGS = EPOCH_TAGS | {
-    "epoch_learning_rate", "epoch_throughput", "epoch_time", "epoch_input_wait", "epoch_phase",
+    "epoch_learning_rate", "epoch_throughput", "epoch_time", "epoch_input_wait", "epoch_stage",
     "batch_loss", "batch_accuracy", "batch_top5_accuracy", "batch_learning_rate", "batch_throughput",
-    "batch_input_wait", "batch_phase", "augmented_inputs"}
+    "batch_input_wait", "batch_stage", "augmented_inputs"}
 
 
 @pytest.fixture(scope="module")
@@ -90,34 +90,39 @@ def _values(series):
     return [value for _, value in series]
 
 
-def test_tags_and_steps_continue_across_phases(run):
+def test_tags_and_steps_continue_across_stages(run):
     _, _, logs = run
     train_run, validation, test = (_read(os.path.join(logs, d)) for d in ("train", "validation", "test"))
     assert set(train_run) == TRAIN_TAGS
     assert set(validation) == EPOCH_TAGS | {"epoch_throughput", "epoch_time"}
-    assert set(test) == EPOCH_TAGS | {"epoch_phase", "confusion_matrix", "confusion_matrix_counts",
-                                      "misclassified"}
+    # Once, after the last stage: calibration's scalars and its reliability diagram.
+    calibration = {tag for tag in test if tag.startswith("calibration/")} | {"reliability_diagram"}
+    assert {"calibration/temperature", "calibration/ece_before", "calibration/ece_after"} <= calibration
+    assert set(test) - calibration == EPOCH_TAGS | {"epoch_stage", "confusion_matrix",
+                                                    "confusion_matrix_counts", "misclassified"}
     for tag in TRAIN_TAGS - {"augmented_inputs"}:
         expected = [0, 1, 2, 3] if tag.startswith("epoch_") else [2, 4, 6, 8, 10, 12]
         assert _steps(train_run[tag]) == expected, tag
     for tag in validation:
         assert _steps(validation[tag]) == [0, 1, 2, 3], tag
     for tag in ("epoch_accuracy", "confusion_matrix", "confusion_matrix_counts"):
-        assert _steps(test[tag]) == [1, 3], tag  # The last epoch of each phase.
-    assert _values(train_run["epoch_phase"]) == [1, 1, 2, 2]
-    assert _values(train_run["batch_phase"]) == [1, 1, 1, 2, 2, 2]
+        assert _steps(test[tag]) == [1, 3], tag  # The last epoch of each stage.
+    assert _values(train_run["epoch_stage"]) == [0, 0, 1, 1]
+    assert _values(train_run["batch_stage"]) == [0, 0, 0, 1, 1, 1]
 
 
-def test_learning_rate_drops_in_phase_two_as_configured(run):
+def test_learning_rate_drops_while_fine_tuning_as_configured(run):
     config, _, logs = run
     scalars = _read(os.path.join(logs, "train"))
-    schedule = phases.finetune_schedule(config, STEPS_PER_EPOCH)
-    phase_one_steps = config.head_epochs * STEPS_PER_EPOCH
+    expected = schedule.warmup_cosine(config.finetune_learning_rate,
+                                      int(config.finetune_warmup_epochs * STEPS_PER_EPOCH),
+                                      config.finetune_epochs * STEPS_PER_EPOCH)
+    head_steps = config.head_epochs * STEPS_PER_EPOCH
     for step, value in scalars["batch_learning_rate"]:
-        if step <= phase_one_steps:
+        if step <= head_steps:
             assert value == pytest.approx(config.head_learning_rate)
         else:  # The schedule's value at the step taken: warmup from 0 to the peak, then cosine decay.
-            assert value == pytest.approx(float(schedule(step - phase_one_steps - 1)), rel=1e-5)
+            assert value == pytest.approx(float(expected(step - head_steps - 1)), rel=1e-5)
     by_step = dict(scalars["batch_learning_rate"])
     assert by_step[10] == pytest.approx(config.finetune_learning_rate)  # Warmup ends after 3 steps.
     assert by_step[8] < by_step[10] and by_step[12] < by_step[10]
@@ -137,15 +142,15 @@ def test_scalars_are_sensible(run):
         assert all(v > 0 for v in _values(scalars["epoch_throughput"]) + _values(scalars["epoch_time"]))
     for tag in ("epoch_input_wait", "batch_input_wait"):
         assert all(0.0 <= v <= 1.0 for v in _values(train_run[tag])), tag
-    # batch_* are means over the steps since the previous point: per phase they add up to the epochs.
-    for phase, batch_points, epochs in ((1, slice(0, 3), slice(0, 2)), (2, slice(3, 6), slice(2, 4))):
+    # batch_* are means over the steps since the previous point: per stage they add up to the epochs.
+    for stage, batch_points, epochs in ((0, slice(0, 3), slice(0, 2)), (1, slice(3, 6), slice(2, 4))):
         for name in ("loss", "accuracy"):
             from_points = LOG_EVERY * sum(_values(train_run[f"batch_{name}"])[batch_points])
             from_epochs = STEPS_PER_EPOCH * sum(_values(train_run[f"epoch_{name}"])[epochs])
-            assert from_points == pytest.approx(from_epochs, rel=1e-4), (phase, name)
+            assert from_points == pytest.approx(from_epochs, rel=1e-4), (stage, name)
     # The test run's last points are what metrics.json reports.
     assert _values(test["epoch_accuracy"]) == pytest.approx(
-        [metrics["head"]["test_accuracy"], metrics["finetune"]["test_accuracy"]])
+        [metrics["stages"]["head"]["test_accuracy"], metrics["stages"]["finetune"]["test_accuracy"]])
 
 
 def test_images(run):
@@ -164,9 +169,10 @@ def test_images(run):
                            for row in table.splitlines()[2:]])
         assert counts.shape == (3, 3)
         assert counts.sum() == 8  # Every test example, once.
-        assert np.trace(counts) / 8 == pytest.approx(metrics[phase]["test_accuracy"])
+        assert np.trace(counts) / 8 == pytest.approx(metrics["stages"][phase]["test_accuracy"])
     wrong_steps = [step for step, _ in test.get("misclassified", [])]
-    expected = [step for step, phase in ((1, "head"), (3, "finetune")) if metrics[phase]["test_accuracy"] < 1]
+    stages = metrics["stages"]
+    expected = [step for step, name in ((1, "head"), (3, "finetune")) if stages[name]["test_accuracy"] < 1]
     assert wrong_steps == expected
 
 
@@ -176,8 +182,8 @@ def test_text_hparams_and_profile(run):
     (_, flags_text), = root["flags"]
     assert "| `--batch_size` | `4` |" in flags_text and "| `--profile_steps` | `2,3` |" in flags_text
     assert _steps(root["model_summary"]) == [0, 2]
-    phase_two_summary = root["model_summary"][1][1]
-    assert "Phase 2 fits" in phase_two_summary and "predictions (Dense)" in phase_two_summary
+    finetune_summary = root["model_summary"][1][1]
+    assert "Stage 1 (finetune) fits" in finetune_summary and "predictions (Dense)" in finetune_summary
 
     acc = event_accumulator.EventAccumulator(logs)
     acc.Reload()
@@ -191,12 +197,12 @@ def test_text_hparams_and_profile(run):
     experiment = hparams_metadata.parse_experiment_plugin_data(content)
     metric_tags = {m.name.tag for m in experiment.metric_infos}
     assert {m.name.group for m in experiment.metric_infos} == {""}  # In the session's own folder.
-    assert {"phase_end/test_accuracy", "phase_end/validation_loss", "phase_end/train_throughput"} <= (
+    assert {"stage_end/test_accuracy", "stage_end/validation_loss", "stage_end/train_throughput"} <= (
         metric_tags)
     for tag in metric_tags:
-        assert _steps(root[tag]) == [1, 3], tag  # Written at the end of each phase.
+        assert _steps(root[tag]) == [1, 3], tag  # Written at the end of each stage.
     validation = dict(_read(os.path.join(logs, "validation"))["epoch_accuracy"])
-    assert _values(root["phase_end/validation_accuracy"]) == pytest.approx([validation[1], validation[3]])
+    assert _values(root["stage_end/validation_accuracy"]) == pytest.approx([validation[1], validation[3]])
 
     traces = glob.glob(os.path.join(logs, "train", "plugins", "profile", "*", "*.xplane.pb"))
     assert len(traces) == 1 and os.path.getsize(traces[0]) > 0
@@ -230,14 +236,15 @@ def test_tensorboard_server_serves_the_scalars(run, tmp_path):
             assert {"train", "validation", "test"} <= set(json.load(response))
         # The HParams table: this run's settings and its final test accuracy.
         query = {"experimentName": "", "allowedStatuses": ["STATUS_UNKNOWN"], "startIndex": 0,
-                 "sliceSize": 10, "colParams": [{"metric": {"group": "", "tag": "phase_end/test_accuracy"}}]}
+                 "sliceSize": 10, "colParams": [{"metric": {"group": "", "tag": "stage_end/test_accuracy"}}]}
         request = urllib.request.Request(f"{url}data/plugin/hparams/session_groups",
                                          json.dumps(query).encode(), {"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=10) as response:
             group, = json.load(response)["sessionGroups"]
         assert group["hparams"]["backbone"] == "tiny" and group["hparams"]["batch_size"] == 4
         values = {m["name"]["tag"]: m["value"] for m in group["metricValues"]}
-        assert values["phase_end/test_accuracy"] == pytest.approx(metrics["finetune"]["test_accuracy"])
+        final = metrics["stages"]["finetune"]["test_accuracy"]
+        assert values["stage_end/test_accuracy"] == pytest.approx(final)
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -256,7 +263,7 @@ def _fit_with_summaries(tmp_path, make_config, dataset, steps=8):
     board = summaries.RunSummaries(config, make_splits(), steps)
     model = _plain_model()
     model.fit(dataset, epochs=1, steps_per_epoch=steps, verbose=0,
-              callbacks=[board.phase_callback(1, model, 0, 1e-3)])
+              callbacks=[board.stage_callback(0, "head", model, 0, 1e-3)])
     board.close()
     return _read(str(tmp_path / "fit" / "logs" / "train"))
 
@@ -293,7 +300,7 @@ def test_another_keras_trains_untimed(tmp_path, make_config, monkeypatch, caplog
 
 
 def test_a_resumed_partial_epoch_carries_its_last_steps_into_the_next_point(tmp_path, make_config):
-    """A resumed phase fits the rest of a partial epoch, then the remaining epochs, each fit() with
+    """A resumed stage fits the rest of a partial epoch, then the remaining epochs, each fit() with
     its own callback; the steps after the partial epoch's last point still count towards the next."""
     steps, log_every = 4, 3
     rng = np.random.default_rng(0)
@@ -309,9 +316,9 @@ def test_a_resumed_partial_epoch_carries_its_last_steps_into_the_next_point(tmp_
 
     # Resumed after step 1 of epoch 0: steps 2-4, then epoch 1 (steps 5-8).
     model.fit(data(2, 4), initial_epoch=0, epochs=1, steps_per_epoch=steps - 1, verbose=0,
-              callbacks=[board.phase_callback(1, model, 0, 0.0, step_offset=1)])
+              callbacks=[board.stage_callback(0, "head", model, 0, 0.0, step_offset=1)])
     model.fit(data(5, 8), initial_epoch=1, epochs=2, steps_per_epoch=steps, verbose=0,
-              callbacks=[board.phase_callback(1, model, 0, 0.0)])
+              callbacks=[board.stage_callback(0, "head", model, 0, 0.0)])
     board.close()
     scalars = _read(str(tmp_path / "run" / "logs" / "train"))
     losses = [float(keras.losses.categorical_crossentropy(y, model(x)).numpy().mean()) for x, y in batches]
@@ -320,7 +327,7 @@ def test_a_resumed_partial_epoch_carries_its_last_steps_into_the_next_point(tmp_
     expected = [np.mean(losses[1:3]), np.mean(losses[3:6])]
     assert _values(scalars["batch_loss"]) == pytest.approx(expected, rel=1e-5)
     assert _steps(scalars["epoch_loss"]) == [0, 1]
-    assert _steps(_read(str(tmp_path / "run" / "logs"))["model_summary"]) == [0]  # Once per phase.
+    assert _steps(_read(str(tmp_path / "run" / "logs"))["model_summary"]) == [0]  # Once per stage.
 
 
 def test_tensorboard_and_eval_show_the_same_mistakes(tmp_path, make_config):
@@ -335,7 +342,7 @@ def test_tensorboard_and_eval_show_the_same_mistakes(tmp_path, make_config):
     assert len(result.mistakes) > 1
     config = make_config(model_dir=str(tmp_path / "run"))
     board = summaries.RunSummaries(config, splits, 1)
-    shown = board.write_phase_end(1, 0, result, evaluation.prefixed(result.metrics, "test"))
+    shown = board.write_stage_end(0, "head", 0, result, evaluation.prefixed(result.metrics, "test"))
     board.close()
     report = evaluation.write_report(result, splits.test, CLASS_NAMES, str(tmp_path / "eval"), "test")
     np.testing.assert_array_equal(shown, [w["index"] for w in report["worst_misclassified"]])

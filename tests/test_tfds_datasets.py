@@ -115,7 +115,7 @@ def test_training_on_a_variable_size_grayscale_dataset(make_config, tfds_dir, ca
                          validation_split=0.2, class_weight="balanced", eval_steps=1)
     with caplog.at_level(logging.INFO, logger="absl"):
         metrics = train.run(config)
-    assert {"head", "finetune"} <= set(metrics)
+    assert {"head", "finetune"} <= set(metrics["stages"])
     # Without counts from the loader, they are counted from the 18 training labels.
     line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("Class weights"))
     assert sum(int(n) for n in re.findall(r"\((\d+) images\)", line)) == 18

@@ -1,4 +1,4 @@
-"""The two phases on a tiny backbone: what trains when, strategies, outputs and the export."""
+"""The stages on a tiny backbone: what trains when, strategies, outputs and the export."""
 
 import dataclasses
 import json
@@ -13,7 +13,7 @@ from tensorboard.backend.event_processing import event_accumulator
 from tl_keras.errors import UserError
 from tl_keras.model import backbones
 from tl_keras.model import classifier
-from tl_keras.training import phases
+from tl_keras.training import stages
 from tl_keras.training import run as train
 
 from helpers import make_examples, make_image_folder, make_splits
@@ -27,26 +27,20 @@ def _same(a, b):
     return all(np.array_equal(x, y) for x, y in zip(a, b))
 
 
-class PhaseRecorder:
-    """Wraps train_head / fine_tune to snapshot weights and trainable counts between phases."""
+class StageRecorder:
+    """Wraps stages.train_stage to snapshot weights and trainable counts before and after each stage."""
 
     def __init__(self, monkeypatch):
         self.snapshots = {}
-        real_head, real_tune = phases.train_head, phases.fine_tune
+        real = stages.train_stage
 
-        def head(model, *args, **kwargs):
-            self.snapshots["before_head"] = self._snap(model)
-            result = real_head(model, *args, **kwargs)
-            self.snapshots["after_head"] = self._snap(model)
+        def wrapped(model, stage_data, stage, *args, **kwargs):
+            self.snapshots[f"before_{stage.name}"] = self._snap(model)
+            result = real(model, stage_data, stage, *args, **kwargs)
+            self.snapshots[f"after_{stage.name}"] = self._snap(model)
             return result
 
-        def tune(model, *args, **kwargs):
-            result = real_tune(model, *args, **kwargs)
-            self.snapshots["after_finetune"] = self._snap(model)
-            return result
-
-        monkeypatch.setattr(phases, "train_head", head)
-        monkeypatch.setattr(phases, "fine_tune", tune)
+        monkeypatch.setattr(stages, "train_stage", wrapped)
 
     @staticmethod
     def _snap(model):
@@ -60,13 +54,13 @@ class PhaseRecorder:
 
 def test_train_and_export_on_tfds_mock_data(make_config):
     """The whole train mode in process, the way flax's train_test.py runs one short
-    train_and_evaluate: TFDS's own loader on mock CIFAR-10, both phases, evaluation and the export."""
+    train_and_evaluate: TFDS's own loader on mock CIFAR-10, both stages, evaluation and the export."""
     config = make_config(dataset="cifar10", validation_split=0.25)
     with tfds.testing.mock_data(num_examples=16):
         metrics = train.run(config)
-    for phase in ("head", "finetune"):
-        assert 0.0 <= metrics[phase]["test_accuracy"] <= 1.0
-        assert np.isfinite(metrics[phase]["test_loss"])
+    for name in ("head", "finetune"):
+        assert 0.0 <= metrics["stages"][name]["test_accuracy"] <= 1.0
+        assert np.isfinite(metrics["stages"][name]["test_loss"])
     served = tf.saved_model.load(metrics["export_path"]).signatures["serving_default"](
         images=tf.zeros([2, 40, 24, 3], tf.uint8))
     assert served["probabilities"].shape == (2, 10)
@@ -76,18 +70,18 @@ def test_train_and_export_on_tfds_mock_data(make_config):
 
 
 @pytest.mark.parametrize("cache_features", ["false", "true"])
-def test_phases_train_the_right_weights(make_config, tiny_splits, monkeypatch, cache_features):
-    recorder = PhaseRecorder(monkeypatch)
+def test_stages_train_the_right_weights(make_config, tiny_splits, monkeypatch, cache_features):
+    recorder = StageRecorder(monkeypatch)
     config = make_config(cache_features=cache_features, finetune_learning_rate=1e-2,
                          finetune_warmup_epochs=0, steps_per_epoch=2)
     train.run(config, splits=tiny_splits)
     before, after_head, after_tune = (recorder.snapshots[k] for k in
                                       ("before_head", "after_head", "after_finetune"))
-    # Phase 1: the head moved, the backbone is bit-identical.
+    # The head stage: the head moved, the backbone is bit-identical.
     assert not _same(before["head"], after_head["head"])
     for name, weights in before["layers"].items():
         assert _same(weights, after_head["layers"][name]), name
-    # Phase 2: more trainable weights; below fine_tune_at unchanged, from it upward changed.
+    # Fine-tuning: more trainable weights; below fine_tune_at unchanged, from it upward changed.
     assert after_tune["trainable"] > after_head["trainable"]
     assert _same(after_head["layers"]["block1_conv1"], after_tune["layers"]["block1_conv1"])
     assert not _same(after_head["layers"]["block2_conv1"], after_tune["layers"]["block2_conv1"])
@@ -100,10 +94,11 @@ def test_outputs_in_model_dir(make_config, tiny_splits):
     files = set(os.listdir(config.model_dir))
     assert {"logs", "flags.txt", "metrics.json", "labels.txt", "export", "checkpoints"} <= files
     written = json.load(open(os.path.join(config.model_dir, "metrics.json")))
-    for phase in ("head", "finetune"):
-        assert set(written[phase]) >= {"test_accuracy", "test_top5_accuracy", "wall_seconds"}
-        assert 0.0 <= written[phase]["test_accuracy"] <= 1.0
-        assert written[phase]["wall_seconds"] > 0
+    assert {name: stage["index"] for name, stage in written["stages"].items()} == {"head": 0, "finetune": 1}
+    for stage in written["stages"].values():
+        assert set(stage) >= {"test_accuracy", "test_top5_accuracy", "wall_seconds", "steps"}
+        assert 0.0 <= stage["test_accuracy"] <= 1.0
+        assert stage["wall_seconds"] > 0
     assert written["export_path"] == metrics["export_path"] == os.path.join(config.model_dir, "export", "1")
     labels = open(os.path.join(config.model_dir, "labels.txt")).read().split()
     assert labels == tiny_splits.class_names
@@ -131,12 +126,12 @@ def test_tensorboard_has_continuous_curves_and_learning_rate(make_config, tiny_s
     assert max(learning_rates[2:]) <= config.finetune_learning_rate + 1e-9
 
 
-def test_both_phases_under_mirrored_strategy(make_config, mirrored_strategy):
+def test_both_stages_under_mirrored_strategy(make_config, mirrored_strategy):
     splits = make_splits(num_train=16, validation_split=0.25)
     config = make_config(steps_per_epoch=2)
     metrics = train.run(config, strategy=mirrored_strategy, splits=splits)
     assert mirrored_strategy.num_replicas_in_sync == 2
-    assert {"head", "finetune", "export_path"} <= set(metrics)
+    assert set(metrics["stages"]) == {"head", "finetune"} and metrics["export_path"]
 
 
 def test_batch_must_divide_across_replicas(make_config, tiny_splits, mirrored_strategy):
@@ -145,7 +140,7 @@ def test_batch_must_divide_across_replicas(make_config, tiny_splits, mirrored_st
 
 
 def test_export_matches_keras_model(make_config, tiny_splits):
-    config = make_config()
+    config = make_config(calibrate="false")  # A fitted temperature would change the probabilities.
     export_path = train.run(config, splits=tiny_splits)["export_path"]
     model = classifier.build_classifier("tiny", 32, 3, "none", head_units=(8,))
     model.load_weights(os.path.join(config.model_dir, "checkpoints", "latest.weights.h5"))
@@ -179,7 +174,7 @@ def test_cached_head_matches_uncached_training(make_config):
         config = make_config(model_dir=make_config().model_dir + cache, cache_features=cache,
                              head_epochs=3, finetune_epochs=0, steps_per_epoch=None, batch_size=8,
                              head_learning_rate=1e-2)
-        results[cache] = train.run(config, splits=splits)["head"]["test_accuracy"]
+        results[cache] = train.run(config, splits=splits)["stages"]["head"]["test_accuracy"]
     assert abs(results["true"] - results["false"]) <= 0.01 + 1e-9
 
 
@@ -196,22 +191,22 @@ def test_a_diverging_run_stops_at_the_first_non_finite_loss(make_config, tiny_sp
     the last good checkpoint and export nothing, instead of exporting a model that outputs NaN."""
     config = make_config(finetune_learning_rate=3e38, finetune_warmup_epochs=0, steps_per_epoch=3,
                          finetune_epochs=2)
-    with pytest.raises(UserError, match=r"phase 2 \(finetune\) diverged at step \d+ of epoch 2 \(global step "
+    with pytest.raises(UserError, match=r"stage 1 \(finetune\) diverged at step \d+ of epoch 2 \(global step "
                                         r"\d+\): the loss is (nan|inf) at learning rate [0-9.e+]+\. .*"
                                         r"Received: finetune_learning_rate=3e\+38$"):
         train.run(config, splits=tiny_splits)
     assert not os.path.exists(os.path.join(config.model_dir, "export"))
     with open(os.path.join(config.model_dir, "metrics.json")) as f:
         metrics = json.load(f, parse_constant=lambda name: pytest.fail(f"metrics.json holds {name}"))
-    assert "head" in metrics and "finetune" not in metrics
+    assert list(metrics["stages"]) == ["head"]
     with open(os.path.join(config.model_dir, "checkpoints", "state.json")) as f:
         state = json.load(f)
-    assert (state["phase"], state["epoch"], state["step"]) == ("finetune", 1, 0)  # The end of phase 1.
+    assert (state["stage"], state["stage_name"], state["epoch"], state["step"]) == (1, "finetune", 1, 0)
 
 
 def test_a_bad_fine_tune_at_is_refused_before_any_training(make_config, tiny_splits, monkeypatch):
-    """Found before phase 1 runs, not after it (which on CIFAR-10 is half an hour in)."""
-    monkeypatch.setattr(phases, "train_head", lambda *a, **k: pytest.fail("phase 1 ran"))
+    """Found before the head stage runs, not after it (which on CIFAR-10 is half an hour in)."""
+    monkeypatch.setattr(stages, "train_stage", lambda *a, **k: pytest.fail("a stage ran"))
     with pytest.raises(UserError, match=r"block1_conv1, block2_conv1, block3_conv1\). "
                        r"Received: fine_tune_at=block9_conv9"):
         train.run(make_config(fine_tune_at="block9_conv9"), splits=tiny_splits)
@@ -248,8 +243,15 @@ def test_resume_refuses_a_folder_whose_images_changed(make_config, tmp_path, mon
     root = tmp_path / "photos"
     make_image_folder(root, {"cat": 6, "dog": 6}, bad=False)
     config = _folder_run(make_config, root, finetune_epochs=1, head_epochs=1)
-    with monkeypatch.context() as patch:  # The run stops in phase 2...
-        patch.setattr(phases, "fine_tune", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("crash")))
+    real = stages.train_stage
+
+    def crash_when_fine_tuning(model, data, stage, *args, **kwargs):
+        if stage.fine_tunes:
+            raise RuntimeError("crash")
+        return real(model, data, stage, *args, **kwargs)
+
+    with monkeypatch.context() as patch:  # The run stops in its second stage...
+        patch.setattr(stages, "train_stage", crash_when_fine_tuning)
         with pytest.raises(RuntimeError, match="crash"):
             train.run(config)
     make_image_folder(root, {"cat": 7, "dog": 6}, bad=False, seed=3)  # ...and a photo is added.

@@ -11,13 +11,18 @@ import re
 from tl_keras.errors import UserError
 from tl_keras.model import registry
 
-MODES = ("train", "evaluate", "export", "predict")
+MODES = ("train", "evaluate", "export", "predict", "lr_find")
 STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker", "tpu")
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 CACHE_FEATURES = ("auto", "true", "false")
 CHECKPOINTS = ("latest", "best")
 AUGMENTATIONS = ("none", "flip", "flip_translate")
 CLASS_WEIGHTS = ("none", "balanced")
+# Export formats; saved_model is always written. The names are those of --export_formats.
+EXPORT_FORMATS = ("saved_model", "tflite", "tflite_int8", "onnx", "openvino")
+CALIBRATIONS = ("auto", "true", "false")
+STAGE_LR_SCHEDULES = ("shared", "per_stage")
+AUTO = "auto"  # A learning rate that --mode=lr_find's range test chooses when its stage starts.
 FOLDER_PREFIX = "folder:"
 
 # Lifetimes: when a setting may change, so that "may this change on resume?" is answered by declaration.
@@ -43,7 +48,7 @@ GROUPS = (
     (RUN, "The run: where it lives and what it does"),
     (DATA, "Data: where examples come from and how they become batches"),
     (MODEL, "Model: backbone and classifier head"),
-    (SCHEDULE, "Schedule: phase 1 trains the head on a frozen backbone, phase 2 fine-tunes its top"),
+    (SCHEDULE, "Schedule: stages that train the head on a frozen backbone, then unfreeze more of it"),
     (DEVICES, "Devices: distribution, precision and speed"),
     (SERVING, "Serving: the export, the accuracy gate and --mode=predict"),
     (TENSORBOARD, "TensorBoard: scalars and profiling"),
@@ -95,12 +100,18 @@ class Config:
 
     # Schedule.
     head_epochs: int = setting(3, group=SCHEDULE, lifetime=EXPERIMENT)
-    head_learning_rate: float = setting(1e-3, group=SCHEDULE, lifetime=EXPERIMENT)
+    head_learning_rate: float | str = setting(1e-3, group=SCHEDULE, lifetime=EXPERIMENT)
     cache_features: str = setting("auto", group=SCHEDULE, lifetime=EXPERIMENT)
     finetune_epochs: int = setting(3, group=SCHEDULE, lifetime=EXPERIMENT)
-    finetune_learning_rate: float = setting(1e-4, group=SCHEDULE, lifetime=EXPERIMENT)
+    finetune_learning_rate: float | str = setting(1e-4, group=SCHEDULE, lifetime=EXPERIMENT)
     finetune_warmup_epochs: float = setting(0.2, group=SCHEDULE, lifetime=EXPERIMENT)
     fine_tune_at: str = setting("block4_conv1", group=SCHEDULE, lifetime=EXPERIMENT)
+    unfreeze_schedule: str | None = setting(None, group=SCHEDULE, lifetime=EXPERIMENT)
+    stage_lr_schedule: str = setting("shared", group=SCHEDULE, lifetime=EXPERIMENT)
+    layerwise_lr_decay: float | None = setting(None, group=SCHEDULE, lifetime=EXPERIMENT)
+    early_stopping_patience: int | None = setting(None, group=SCHEDULE, lifetime=EXPERIMENT)
+    lr_find_stage: str | None = setting(None, group=SCHEDULE, lifetime=RUNTIME)
+    lr_find_steps: int = setting(100, group=SCHEDULE, lifetime=RUNTIME)
     label_smoothing: float = setting(0.0, group=SCHEDULE, lifetime=EXPERIMENT)
     scale_lr_with_batch: bool = setting(False, group=SCHEDULE, lifetime=EXPERIMENT)
     steps_per_epoch: int | None = setting(None, group=SCHEDULE, lifetime=EXPERIMENT)
@@ -116,7 +127,12 @@ class Config:
     steps_per_execution: int = setting(1, group=DEVICES, lifetime=RUNTIME)
 
     # Serving.
+    # What is exported and how it is checked happens after training, so a resumed run may change it.
+    export_formats: tuple[str, ...] = setting(("saved_model",), group=SERVING, lifetime=RUNTIME)
     export_tflite: bool = setting(False, group=SERVING, lifetime=EXPERIMENT)
+    parity_examples: int | None = setting(None, group=SERVING, lifetime=RUNTIME)
+    calibrate: str = setting("auto", group=SERVING, lifetime=RUNTIME)
+    target_accuracy: float = setting(0.95, group=SERVING, lifetime=RUNTIME)
     min_accuracy: float | None = setting(None, group=SERVING, lifetime=EXPERIMENT)
     images: str | None = setting(None, group=SERVING, lifetime=EXPERIMENT)
     export_dir: str | None = setting(None, group=SERVING, lifetime=EXPERIMENT)
@@ -130,6 +146,17 @@ class Config:
 
     def __post_init__(self):
         self.validate()
+        if self.unfreeze_schedule:  # It replaces both; flags.txt then repeats the values it implies.
+            points = parse_unfreeze_schedule(self.unfreeze_schedule)
+            object.__setattr__(self, "fine_tune_at", points[0][0])
+            object.__setattr__(self, "finetune_epochs", sum(epochs for _, epochs in points))
+
+    @property
+    def unfreeze_points(self) -> list[tuple[str, int]]:
+        """(first trainable backbone layer, epochs) of each fine-tuning stage, bottom of the list last."""
+        if self.unfreeze_schedule:
+            return parse_unfreeze_schedule(self.unfreeze_schedule)
+        return [(self.fine_tune_at, self.finetune_epochs)] if self.finetune_epochs else []
 
     @property
     def time_budget_seconds(self) -> float | None:
@@ -195,8 +222,30 @@ class Config:
             if getattr(self, name) < 0:
                 _fail(f"--{name} must not be negative", **{name: getattr(self, name)})
         for name in ("head_learning_rate", "finetune_learning_rate"):
-            if not getattr(self, name) > 0:
-                _fail(f"--{name} must be positive", **{name: getattr(self, name)})
+            value = getattr(self, name)
+            if value != AUTO and not (isinstance(value, (int, float)) and value > 0):
+                _fail(f"--{name} must be positive, or auto", **{name: value})
+        if self.unfreeze_schedule:
+            try:
+                points = parse_unfreeze_schedule(self.unfreeze_schedule)
+            except ValueError as e:
+                _fail(f"--unfreeze_schedule must be LAYER=EPOCHS,... such as block5_conv1=1,all=2 ({e})",
+                      unfreeze_schedule=self.unfreeze_schedule)
+            implied = {"fine_tune_at": points[0][0], "finetune_epochs": sum(e for _, e in points)}
+            for name, value in implied.items():
+                if getattr(self, name) not in (value, Config.__dataclass_fields__[name].default):
+                    _fail("--unfreeze_schedule replaces --fine_tune_at and --finetune_epochs; give one or "
+                          "the other", **{name: getattr(self, name)})
+        if self.stage_lr_schedule not in STAGE_LR_SCHEDULES:
+            _fail(f"--stage_lr_schedule must be one of {', '.join(STAGE_LR_SCHEDULES)}",
+                  stage_lr_schedule=self.stage_lr_schedule)
+        if self.layerwise_lr_decay is not None and not 0.0 < self.layerwise_lr_decay <= 1.0:
+            _fail("--layerwise_lr_decay must be in (0, 1]", layerwise_lr_decay=self.layerwise_lr_decay)
+        if self.early_stopping_patience is not None and self.early_stopping_patience < 1:
+            _fail("--early_stopping_patience must be positive when set",
+                  early_stopping_patience=self.early_stopping_patience)
+        if self.lr_find_steps < 10:
+            _fail("--lr_find_steps must be at least 10", lr_find_steps=self.lr_find_steps)
         if self.finetune_warmup_epochs < 0:
             _fail("--finetune_warmup_epochs must not be negative",
                   finetune_warmup_epochs=self.finetune_warmup_epochs)
@@ -224,6 +273,16 @@ class Config:
             _fail("--fine_tune_at must be a backbone layer name or 'all'", fine_tune_at=self.fine_tune_at)
         if self.min_accuracy is not None and not 0.0 <= self.min_accuracy <= 1.0:
             _fail("--min_accuracy must be in [0, 1]", min_accuracy=self.min_accuracy)
+        unknown = [name for name in self.export_formats if name not in EXPORT_FORMATS]
+        if unknown or not self.export_formats:
+            _fail(f"--export_formats must be a comma-separated list of {', '.join(EXPORT_FORMATS)}",
+                  export_formats=_csv(self.export_formats))
+        if self.parity_examples is not None and self.parity_examples < 1:
+            _fail("--parity_examples must be positive when set", parity_examples=self.parity_examples)
+        if self.calibrate not in CALIBRATIONS:
+            _fail(f"--calibrate must be one of {', '.join(CALIBRATIONS)}", calibrate=self.calibrate)
+        if not 0.0 < self.target_accuracy <= 1.0:
+            _fail("--target_accuracy must be in (0, 1]", target_accuracy=self.target_accuracy)
         if self.mode == "predict" and not self.images:
             _fail("--mode=predict needs --images=GLOB", images=self.images)
         if self.top_k < 1:
@@ -263,6 +322,26 @@ class Config:
             else:
                 lines.append(f"--{field.name}={value}")
         return "\n".join(lines) + "\n"
+
+
+def parse_unfreeze_schedule(text: str) -> list[tuple[str, int]]:
+    """'block5_conv1=1,all=2' -> [('block5_conv1', 1), ('all', 2)]; ValueError saying what is wrong."""
+    points = []
+    for item in text.split(","):
+        name, sep, epochs = item.strip().partition("=")
+        if not sep or not name.strip():
+            raise ValueError(f"{item.strip()!r} is not LAYER=EPOCHS")
+        try:
+            count = int(epochs)
+        except ValueError:
+            raise ValueError(f"{epochs.strip()!r} is not a whole number of epochs") from None
+        if count < 1:
+            raise ValueError(f"{name.strip()} has {count} epochs; each stage needs at least 1")
+        points.append((name.strip(), count))
+    names = [name for name, _ in points]
+    if len(set(names)) != len(names):
+        raise ValueError("a layer appears twice")
+    return points
 
 
 def names(*lifetimes: str) -> frozenset[str]:

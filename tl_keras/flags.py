@@ -21,9 +21,10 @@ _WIDTH = 100
 # The run.
 flags.DEFINE_string("model_dir", None, "Run directory: logs/, checkpoints/, metrics.json, export/.")
 flags.DEFINE_enum("mode", _DEFAULTS.mode, config_lib.MODES,
-                  "train: both phases, evaluate and export. evaluate / export: reuse a trained model_dir "
+                  "train: every stage, evaluate and export. evaluate / export: reuse a trained model_dir "
                   "(evaluate writes a report on --test_split to model_dir/eval/). predict: classify "
-                  "--images with the exported SavedModel.")
+                  "--images with the exported SavedModel. lr_find: the learning-rate range test of one "
+                  "stage (--lr_find_stage), written to model_dir/lr_find/; it trains nothing that stays.")
 flags.DEFINE_enum("checkpoint", _DEFAULTS.checkpoint, config_lib.CHECKPOINTS,
                   "Which checkpoint --mode=evaluate/export loads: the last epoch, or the best validation "
                   "accuracy.")
@@ -75,34 +76,57 @@ flags.DEFINE_boolean("head_batchnorm", _DEFAULTS.head_batchnorm,
                      "BatchNormalization after pooling: standardises backbone features for the head.")
 flags.DEFINE_float("dropout", _DEFAULTS.dropout, "Dropout rate before the final Dense layer.")
 
-# Schedule, phase 1: frozen backbone.
-flags.DEFINE_integer("head_epochs", _DEFAULTS.head_epochs, "Epochs training only the head.")
-flags.DEFINE_float("head_learning_rate", _DEFAULTS.head_learning_rate, "Adam learning rate for phase 1.")
+# Schedule, the head stage: frozen backbone.
+flags.DEFINE_integer("head_epochs", _DEFAULTS.head_epochs, "Epochs training only the head (stage 'head').")
+flags.DEFINE_string("head_learning_rate", str(_DEFAULTS.head_learning_rate),
+                    "Adam learning rate of the head stage, or auto: the range test's suggestion (see "
+                    "--mode=lr_find), found when the stage starts and kept on resume.")
 flags.DEFINE_enum("cache_features", _DEFAULTS.cache_features, config_lib.CACHE_FEATURES,
                   "Compute frozen backbone outputs once instead of every epoch: pooled features for "
-                  "phase 1, and for phase 2 the output of the layers below --fine_tune_at (plain-chain "
-                  "backbones such as VGG). Exact for --augment=none or flip (both orientations are "
-                  "cached). auto: on unless --augment=flip_translate; true drops the translations.")
+                  "the head stage, and for one fine-tuning stage the output of the layers below it "
+                  "(plain-chain backbones such as VGG). Exact for --augment=none or flip (both orientations "
+                  "are cached). auto: on unless --augment=flip_translate; true drops the translations.")
 
-# Schedule, phase 2: fine-tuning.
+# Schedule, the fine-tuning stages.
 flags.DEFINE_integer("finetune_epochs", _DEFAULTS.finetune_epochs,
-                     "Epochs after unfreezing the top of the backbone. 0 skips phase 2.")
-flags.DEFINE_float("finetune_learning_rate", _DEFAULTS.finetune_learning_rate,
-                   "Peak Adam learning rate for phase 2, reached after warmup, then cosine decay.")
+                     "Epochs after unfreezing the top of the backbone (stage 'finetune'). 0: no "
+                     "fine-tuning.")
+flags.DEFINE_string("finetune_learning_rate", str(_DEFAULTS.finetune_learning_rate),
+                    "Peak Adam learning rate of fine-tuning, reached after warmup, then cosine decay; or "
+                    "auto (the range test's suggestion for the first fine-tuning stage).")
 flags.DEFINE_float("finetune_warmup_epochs", _DEFAULTS.finetune_warmup_epochs,
-                   "Linear warmup length of phase 2, in epochs.")
+                   "Linear warmup length of fine-tuning, in epochs.")
 flags.DEFINE_string("fine_tune_at", _DEFAULTS.fine_tune_at,
                     "First backbone layer to unfreeze (e.g. block5_conv1), or 'all'.")
+flags.DEFINE_string("unfreeze_schedule", None,
+                    "Gradual unfreezing: LAYER=EPOCHS,... such as block5_conv1=1,block4_conv1=1,all=2 (one "
+                    "epoch from block 5, one from block 4, two with every layer trainable). Each item is a "
+                    "stage named unfreeze_LAYER. Replaces --fine_tune_at and --finetune_epochs.")
+flags.DEFINE_enum("stage_lr_schedule", _DEFAULTS.stage_lr_schedule, config_lib.STAGE_LR_SCHEDULES,
+                  "shared: the fine-tuning stages share one warmup and one cosine decay, which reaches zero "
+                  "at the last stage's last step. per_stage: each stage warms up and decays on its own.")
+flags.DEFINE_float("layerwise_lr_decay", None,
+                   "Discriminative learning rates while fine-tuning: each backbone block learns at this "
+                   "factor times the rate of the block above it (e.g. 0.7); the head at the full rate.")
+flags.DEFINE_integer("early_stopping_patience", None,
+                     "End a stage after this many epochs without a better validation accuracy, and go on "
+                     "from that stage's best weights. Needs a validation split.")
+flags.DEFINE_string("lr_find_stage", None,
+                    "--mode=lr_find: the stage to test, by name (head, finetune, unfreeze_LAYER). Default: "
+                    "the first. Earlier stages are not trained first: the test starts from the weights.")
+flags.DEFINE_integer("lr_find_steps", _DEFAULTS.lr_find_steps,
+                     "Steps of the learning-rate range test (it stops early when the loss diverges).")
 
-# Schedule, both phases.
+# Schedule, every stage.
 flags.DEFINE_float("label_smoothing", _DEFAULTS.label_smoothing, "Label smoothing of the loss.")
 flags.DEFINE_boolean("scale_lr_with_batch", _DEFAULTS.scale_lr_with_batch,
                      "Multiply both learning rates by the number of replicas (linear scaling rule).")
 flags.DEFINE_integer("steps_per_epoch", None, "Cap on train steps per epoch, for short runs.")
 flags.DEFINE_string("time_budget", None,
                     "Finish the whole run (data, training, evaluation, export) within this time, e.g. 30m, "
-                    "1h30m or 90s: phase 1 keeps --head_epochs and phase 2 gets every step that fits, "
-                    "planned from measured speeds (--finetune_epochs then only says that phase 2 runs).")
+                    "1h30m or 90s: every stage but the last keeps its epochs and the last gets every step "
+                    "that fits, planned from measured speeds (its own epoch count then only says that it "
+                    "runs).")
 flags.DEFINE_integer("eval_steps", None, "Cap on validation and test steps, for short runs.")
 
 # Devices.
@@ -119,8 +143,25 @@ flags.DEFINE_integer("steps_per_execution", _DEFAULTS.steps_per_execution,
                      "Train steps per tf.function call (fewer host round trips on fast accelerators).")
 
 # Serving.
+flags.DEFINE_list("export_formats", list(_DEFAULTS.export_formats),
+                  "Artifacts written into each export version directory, all taking uint8 images with "
+                  "preprocessing inside, each checked by its own runtime on the test split: saved_model "
+                  "(always written), tflite, tflite_int8, onnx, openvino. onnx and openvino need "
+                  "pip install -e \".[deploy]\".")
 flags.DEFINE_boolean("export_tflite", _DEFAULTS.export_tflite,
-                     "Also write model.tflite into the export version directory.")
+                     "Also write model.tflite into the export version directory (adds tflite to "
+                     "--export_formats).")
+flags.DEFINE_integer("parity_examples", None,
+                     "Test examples each exported format is run on to check it against the Keras model "
+                     "(default: the whole test split).")
+flags.DEFINE_enum("calibrate", _DEFAULTS.calibrate, config_lib.CALIBRATIONS,
+                  "Fit a softmax temperature on the validation split after training and put it into the "
+                  "exported signatures, so served probabilities are calibrated. auto: when there is a "
+                  "validation split.")
+flags.DEFINE_float("target_accuracy", _DEFAULTS.target_accuracy,
+                   "Choose, on the validation split, the confidence threshold whose predictions reach this "
+                   "accuracy; it goes into the export's metadata.json and --mode=predict marks answers "
+                   "below it as uncertain.")
 flags.DEFINE_float("min_accuracy", None,
                    "Fail training (exit 1, no export) when the final test accuracy is below this.")
 flags.DEFINE_string("images", None,
@@ -162,8 +203,8 @@ def help_text() -> str:
         "usage: tl-keras --flagfile=FILE [--flag=value ...]",
         "   or: python -m tl_keras.main --flagfile=FILE [--flag=value ...]",
         "",
-        "Two-phase transfer learning for keras.applications backbones: train a head on a frozen backbone,",
-        "then fine-tune its top; evaluate, export and predict. Later flags override a flagfile's.",
+        "Transfer learning for keras.applications backbones, in stages: train a head on a frozen backbone,",
+        "then unfreeze more of it; evaluate, export and predict. Later flags override a flagfile's.",
     ]
     fields = config_lib.Config.__dataclass_fields__
     for group, title in config_lib.GROUPS:
@@ -210,8 +251,36 @@ def get_config(flag_values=FLAGS) -> config_lib.Config:
             value = tuple(_parse_units(value))
         elif field == "profile_steps":
             value = tuple(_parse_ints(field, value))
+        elif field in ("head_learning_rate", "finetune_learning_rate"):
+            value = _parse_rate(field, value)
+        elif field == "export_formats":
+            value = tuple(value)
         kwargs[field] = value
+    if kwargs["unfreeze_schedule"]:
+        _check_replaced(flag_values, kwargs)
     return config_lib.Config(**kwargs)
+
+
+def _parse_rate(name, value):
+    if value == config_lib.AUTO:
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        raise config_lib.UserError(f"--{name} must be a number or auto. Received: {name}={value}") from None
+
+
+def _check_replaced(flag_values, kwargs):
+    """--unfreeze_schedule with an explicit --fine_tune_at or --finetune_epochs that says otherwise."""
+    try:
+        points = config_lib.parse_unfreeze_schedule(kwargs["unfreeze_schedule"])
+    except ValueError:
+        return  # Config's validation says what is wrong with it.
+    implied = {"fine_tune_at": points[0][0], "finetune_epochs": sum(e for _, e in points)}
+    for name, value in implied.items():
+        if flag_values[name].present and kwargs[name] != value:
+            raise config_lib.UserError(f"--unfreeze_schedule replaces --fine_tune_at and --finetune_epochs; "
+                                       f"give one or the other. Received: {name}={kwargs[name]}")
 
 
 def _parse_units(values):

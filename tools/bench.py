@@ -57,7 +57,8 @@ def run_benchmark(config, num_examples: int, plain_epochs: int = 1, phase2_steps
     from tl_keras.model import classifier
     from tl_keras.model import matmul_conv
     from tl_keras.training import distribute
-    from tl_keras.training import phases
+    from tl_keras.training import schedule
+    from tl_keras.training import stages
 
     keras.utils.set_random_seed(config.seed)
     splits = tfds_dataset.load_tfds(config.dataset, config.data_dir, config.train_split,
@@ -102,7 +103,7 @@ def run_benchmark(config, num_examples: int, plain_epochs: int = 1, phase2_steps
         plain_model = classifier.build_classifier(config.backbone, config.image_size, classes,
                                                   config.weights, config.head_units, config.head_batchnorm,
                                                   config.dropout)
-        phases.compile_classifier(plain_model, config.head_learning_rate, config, classes)
+        schedule.compile_classifier(plain_model, config.head_learning_rate, config, classes)
         timer = _EpochTimer()
         plain_model.fit(images, labels, batch_size=32, epochs=plain_epochs, callbacks=[timer], verbose=0)
         plain_epoch = float(np.mean(timer.seconds))
@@ -123,8 +124,8 @@ def run_benchmark(config, num_examples: int, plain_epochs: int = 1, phase2_steps
         features = np.array(features)
         extraction = time.perf_counter() - start
         head = classifier.build_model_from(model, classifier.HEAD_INPUT)
-        phases.compile_classifier(head, config.head_learning_rate, config, classes,
-                                  steps_per_execution=phases.steps_per_execution(steps))
+        schedule.compile_classifier(head, config.head_learning_rate, config, classes,
+                                    steps_per_execution=stages.steps_per_execution(steps))
         timer = _EpochTimer()
         head.fit(feature_cache.train_dataset(features, cache.labels("train"), classes, config.batch_size,
                                              config.seed),
@@ -136,7 +137,7 @@ def run_benchmark(config, num_examples: int, plain_epochs: int = 1, phase2_steps
 
     # 4. Phase-2 train step on images (backbone unfrozen from fine_tune_at).
     classifier.unfreeze_backbone(model, config.fine_tune_at)
-    phases.compile_classifier(model, config.finetune_learning_rate, config, classes)
+    schedule.compile_classifier(model, config.finetune_learning_rate, config, classes)
     images_ds = input_pipeline.build_train_dataset(
         examples, preprocess, config.batch_size, classes, config.augment, config.seed)
 
@@ -203,7 +204,7 @@ def _phase2_model(config, classes: int, weights, matmul: bool, policy: str):
     import keras
 
     from tl_keras.model import classifier
-    from tl_keras.training import phases
+    from tl_keras.training import schedule
 
     previous = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy(policy)
@@ -215,7 +216,7 @@ def _phase2_model(config, classes: int, weights, matmul: bool, policy: str):
         keras.mixed_precision.set_global_policy(previous)
     model.set_weights(weights)
     classifier.unfreeze_backbone(model, config.fine_tune_at)
-    phases.compile_classifier(model, config.finetune_learning_rate, config, classes)
+    schedule.compile_classifier(model, config.finetune_learning_rate, config, classes)
     return model
 
 

@@ -8,6 +8,8 @@ from tl_keras.errors import UserError
 from tl_keras.model import backbones
 
 HEAD_INPUT = "gap"  # Everything after this layer is the head; its output is what phase 1 caches.
+LOGITS = "predictions"  # The final Dense layer: logits. Its name is what checkpoints store it under.
+PROBABILITIES = "probabilities"  # The Softmax over LOGITS: the model's output.
 
 
 def build_classifier(
@@ -20,7 +22,13 @@ def build_classifier(
     dropout: float = 0.3,
     matmul_small_convs: bool = False,
 ) -> keras.Model:
-    """Frozen backbone, GAP, then the head; the final Dense stays float32 under mixed precision."""
+    """Frozen backbone, GAP, then the head: Dense logits named "predictions", then a Softmax, both
+    float32 under mixed precision.
+
+    The softmax is a layer of its own so that exports can return the logits beside the probabilities
+    and divide them by a temperature. It has no weights, and the Dense layer keeps its name, so
+    checkpoints written when that layer applied the softmax itself load unchanged.
+    """
     backbone = backbones.build_backbone(backbone_name, image_size, weights, matmul_small_convs)
     backbone.trainable = False
     inputs = keras.Input((image_size, image_size, 3), name="image")
@@ -32,7 +40,8 @@ def build_classifier(
     for i, units in enumerate(head_units, start=1):
         x = keras.layers.Dense(units, activation="relu", name=f"head_dense_{i}")(x)
     x = keras.layers.Dropout(dropout, name="head_dropout")(x)
-    outputs = keras.layers.Dense(num_classes, activation="softmax", dtype="float32", name="predictions")(x)
+    logits = keras.layers.Dense(num_classes, dtype="float32", name=LOGITS)(x)
+    outputs = keras.layers.Softmax(dtype="float32", name=PROBABILITIES)(logits)
     return keras.Model(inputs, outputs, name=f"{backbone_name}_classifier")
 
 

@@ -20,6 +20,10 @@ CONFUSION_JSON = "confusion_matrix.json"
 CONFUSION_PNG = "confusion_matrix.png"
 MISCLASSIFIED_PNG = "misclassified.png"
 WORST_EXAMPLES = 16  # Mistakes listed in report.json and drawn in misclassified.png.
+RELIABILITY_PNG = "reliability_diagram.png"
+CALIBRATION_BINS = 15  # Equal-width confidence bins of the expected calibration error, as in Guo et al.
+# Coverages of the coverage-accuracy curve: the most confident 5%, 10%, ..., 100% of a split.
+COVERAGES = tuple(round(0.05 * i, 2) for i in range(1, 21))
 
 
 @dataclasses.dataclass
@@ -114,8 +118,100 @@ def top_k_accuracy(probabilities: np.ndarray, labels, k: int) -> float:
     return float(np.mean(np.any(top == np.asarray(labels)[:, None], axis=1))) if len(top) else 0.0
 
 
-def build_report(result: Evaluation, class_names, split: str) -> dict:
-    """report.json's content: the metrics under their own names, per-class scores, the worst mistakes."""
+def negative_log_likelihood(probabilities: np.ndarray, labels) -> float:
+    """Mean -log p(true class), without label smoothing: the score temperature scaling minimises.
+
+    A probability that underflowed to 0 counts as the smallest positive float32, not as infinity.
+    """
+    labels = np.asarray(labels)
+    if not len(labels):
+        return 0.0
+    true = np.asarray(probabilities, np.float64)[np.arange(len(labels)), labels]
+    return float(-np.mean(np.log(np.maximum(true, np.finfo(np.float32).smallest_subnormal))))
+
+
+def reliability_bins(probabilities: np.ndarray, labels, bins: int = CALIBRATION_BINS) -> list:
+    """The top confidence against accuracy in `bins` equal-width bins (lower, upper]: a list of
+    {"lower", "upper", "count", "confidence", "accuracy"}, the last two None for an empty bin."""
+    probabilities, labels = np.asarray(probabilities, np.float64), np.asarray(labels)
+    confidence = probabilities.max(axis=1) if len(labels) else np.zeros(0)
+    correct = probabilities.argmax(axis=1) == labels if len(labels) else np.zeros(0, bool)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    index = np.clip(np.ceil(confidence * bins).astype(np.int64) - 1, 0, bins - 1)
+    out = []
+    for b in range(bins):
+        members = index == b
+        count = int(members.sum())
+        out.append({"lower": float(edges[b]), "upper": float(edges[b + 1]), "count": count,
+                    "confidence": float(confidence[members].mean()) if count else None,
+                    "accuracy": float(correct[members].mean()) if count else None})
+    return out
+
+
+def expected_calibration_error(probabilities: np.ndarray, labels, bins: int = CALIBRATION_BINS) -> float:
+    """Sum over confidence bins of |accuracy - mean confidence|, weighted by the bin's share of examples:
+    0 when "90% sure" is right 90% of the time."""
+    total = len(np.asarray(labels))
+    if not total:
+        return 0.0
+    return float(sum(b["count"] / total * abs(b["accuracy"] - b["confidence"])
+                     for b in reliability_bins(probabilities, labels, bins) if b["count"]))
+
+
+def coverage_curve(probabilities: np.ndarray, labels, coverages=COVERAGES) -> list:
+    """Accuracy on the most confident share of a split, for each share in `coverages`: a list of
+    {"coverage", "examples", "accuracy", "threshold"}, threshold being the lowest confidence kept.
+
+    Equal confidences keep the split's order, so the answer is the same on every run.
+    """
+    probabilities, labels = np.asarray(probabilities, np.float64), np.asarray(labels)
+    if not len(labels):
+        return []
+    confidence = probabilities.max(axis=1)
+    order = np.argsort(-confidence, kind="stable")
+    correct = (probabilities.argmax(axis=1) == labels)[order]
+    out = []
+    for coverage in coverages:
+        kept = max(1, int(np.ceil(coverage * len(labels) - 1e-9)))
+        out.append({"coverage": float(coverage), "examples": kept, "accuracy": float(correct[:kept].mean()),
+                    "threshold": float(confidence[order[kept - 1]])})
+    return out
+
+
+def confidence_threshold(probabilities: np.ndarray, labels, target_accuracy: float) -> float | None:
+    """The lowest top-class confidence t such that predictions with confidence >= t reach
+    `target_accuracy`: the most answers at that accuracy. None when no threshold reaches it."""
+    probabilities, labels = np.asarray(probabilities, np.float64), np.asarray(labels)
+    if not len(labels):
+        return None
+    confidence = probabilities.max(axis=1)
+    order = np.argsort(-confidence, kind="stable")
+    sorted_confidence = confidence[order]
+    hits = np.cumsum(probabilities.argmax(axis=1)[order] == labels[order])
+    # Only the last of equal confidences is a possible cut: a threshold keeps all of them or none.
+    last = np.append(sorted_confidence[1:] != sorted_confidence[:-1], True)
+    accuracy = hits / np.arange(1, len(labels) + 1)
+    reaching = np.flatnonzero(last & (accuracy >= target_accuracy - 1e-12))
+    return float(sorted_confidence[reaching[-1]]) if len(reaching) else None
+
+
+def selective_metrics(probabilities: np.ndarray, labels, threshold: float) -> dict:
+    """{"coverage", "accuracy"} of the predictions whose top confidence is at least `threshold`;
+    accuracy is None when none is."""
+    probabilities, labels = np.asarray(probabilities, np.float64), np.asarray(labels)
+    kept = probabilities.max(axis=1) >= threshold if len(labels) else np.zeros(0, bool)
+    correct = probabilities.argmax(axis=1)[kept] == labels[kept] if kept.any() else np.zeros(0, bool)
+    return {"coverage": float(kept.mean()) if len(kept) else 0.0,
+            "accuracy": float(correct.mean()) if len(correct) else None}
+
+
+def build_report(result: Evaluation, class_names, split: str, calibration: dict | None = None) -> dict:
+    """report.json's content: the metrics under their own names, per-class scores, the worst mistakes,
+    calibration (ECE and NLL) and the coverage-accuracy curve.
+
+    `calibration` (see reporting/calibration.py) replaces the calibration section with one that has
+    the fitted temperature, the scores before and after it, and the confidence threshold.
+    """
     labels, predictions, probabilities = result.labels, result.predictions, result.probabilities
     per_class = per_class_metrics(confusion_matrix(labels, predictions, len(class_names)), class_names)
     return {
@@ -131,17 +227,22 @@ def build_report(result: Evaluation, class_names, split: str) -> dict:
              "probability": float(probabilities[i, predictions[i]]),
              "true_probability": float(probabilities[i, labels[i]])}
             for i in result.mistakes[:WORST_EXAMPLES]],
+        "calibration": calibration or {
+            "ece": expected_calibration_error(probabilities, labels),
+            "nll": negative_log_likelihood(probabilities, labels), "bins": CALIBRATION_BINS},
+        "coverage_accuracy": coverage_curve(probabilities, labels),
     }
 
 
 def write_report(result: Evaluation, examples: tf.data.Dataset, class_names, out_dir: str,
-                 split: str) -> dict:
-    """Write report.json, the confusion matrix (JSON and PNG) and misclassified.png to `out_dir`.
+                 split: str, calibration: dict | None = None) -> dict:
+    """Write report.json, the confusion matrix (JSON and PNG) and misclassified.png to `out_dir`, and
+    with `calibration` (see build_report) the reliability diagram, before and after the temperature.
 
     `examples` is the evaluated split as raw (image, label) pairs in the same order, from which only
     the worst mistakes' images are read again for the picture. Returns the report.
     """
-    report = build_report(result, class_names, split)
+    report = build_report(result, class_names, split, calibration)
     confusion = confusion_matrix(result.labels, result.predictions, len(class_names))
     grid, _ = misclassified_image(result, examples, class_names, WORST_EXAMPLES)
     os.makedirs(out_dir, exist_ok=True)
@@ -153,6 +254,12 @@ def write_report(result: Evaluation, examples: tf.data.Dataset, class_names, out
     files.write_bytes(os.path.join(out_dir, CONFUSION_PNG),
                       images.encode_png(images.confusion_matrix_image(confusion, class_names, split)))
     files.write_bytes(os.path.join(out_dir, MISCLASSIFIED_PNG), images.encode_png(grid))
+    if calibration:
+        diagram = images.reliability_diagram(calibration["before"]["reliability"],
+                                             calibration["after"]["reliability"],
+                                             f"{split}: accuracy against confidence, temperature "
+                                             f"{calibration['temperature']:.3g}")
+        files.write_bytes(os.path.join(out_dir, RELIABILITY_PNG), images.encode_png(diagram))
     logging.info("Evaluation of %s: accuracy %.4f, top-%d %.4f, loss %.4f on %d examples. Report in %s",
                  split, report["accuracy"], report["top_k"], report["top5_accuracy"], report["loss"],
                  report["num_examples"], out_dir)

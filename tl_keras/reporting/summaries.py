@@ -1,20 +1,22 @@
 """TensorBoard logs that answer a practitioner's questions about a run.
 
 Layout under model_dir/logs (each folder is a TensorBoard run):
-- train/: epoch_* scalars at step = epoch (0-based, continuing across both phases) and, every
+- train/: epoch_* scalars at step = epoch (0-based, continuing across the stages) and, every
   --log_every_steps, batch_* scalars at step = global train step (1-based, also continuing);
   the augmented-input grid; profiler traces under plugins/profile/.
 - validation/: epoch_* scalars of the per-epoch validation pass.
 - test/: epoch_* scalars, the confusion matrix and misclassified examples at the end of each
-  phase, at step = the phase's last epoch.
-- the folder itself: HParams (with phase_end/* scalars as its metrics), the effective flags and
-  the model summary per phase.
+  stage, at step = the stage's last epoch.
+- the folder itself: HParams (with stage_end/* scalars as its metrics), the effective flags and
+  the model summary per stage.
+
+epoch_stage and batch_stage are the stage's index; texts and image descriptions name it as well.
 
 A resumed run first calls trim_logs, which drops what it is about to write again.
 
-Both phases share one RunSummaries, so curves, steps and writers continue across the two fit()
-calls even though each phase compiles a fresh optimizer and may fit a different model (a head on
-cached features, or the upper backbone on stored activations).
+All stages share one RunSummaries, so curves, steps and writers continue across their fit() calls
+even though each stage compiles a fresh optimizer and may fit a different model (a head on cached
+features, or the upper backbone on stored activations).
 """
 
 import dataclasses
@@ -43,7 +45,7 @@ TESTED_KERAS = "3.15"
 # Written once when a run starts, and not again when it resumes.
 RUN_START_TAGS = frozenset({"augmented_inputs", "flags", "plan", "_hparams_/experiment",
                             "_hparams_/session_start_info"})
-# HParams metrics, written to logs/ itself as phase_end/NAME at the end of each phase; the table
+# HParams metrics, written to logs/ itself as stage_end/NAME at the end of each stage; the table
 # shows each one's last value. (The plugin cannot find metrics in subfolders of a session that is
 # the logdir itself, so they are not read from train/, validation/ and test/.)
 HPARAM_METRICS = (
@@ -59,7 +61,7 @@ HPARAM_METRICS = (
 
 
 class RunSummaries:
-    """The run's summary writers and what both phases need to log consistently."""
+    """The run's summary writers and what every stage needs to log consistently."""
 
     def __init__(self, config, splits: pipeline.Splits, steps_per_epoch: int):
         self.config = config
@@ -73,8 +75,8 @@ class RunSummaries:
         self.validation_examples = _capped(splits.num_validation, config.eval_steps, config.batch_size)
         self.profiling = False
         self.profiled = False
-        self.last_epoch = {}  # The latest epoch's scalars, by run: what phase_end/ reports.
-        self.phases = {}  # Phase number -> _PhaseState, shared by that phase's fit() calls.
+        self.last_epoch = {}  # The latest epoch's scalars, by run: what stage_end/ reports.
+        self.stages = {}  # Stage index -> _StageState, shared by that stage's fit() calls.
         self.warned_keras = False
 
     def write_run_start(self, plan: str | None = None):
@@ -85,7 +87,7 @@ class RunSummaries:
             hparams = hparams_of(self.config)
             hp.hparams_config(
                 hparams=[hp.HParam(name) for name in hparams],
-                metrics=[hp.Metric(f"phase_end/{tag}", display_name=name) for tag, name in HPARAM_METRICS])
+                metrics=[hp.Metric(f"stage_end/{tag}", display_name=name) for tag, name in HPARAM_METRICS])
             hp.hparams(hparams, trial_id=os.path.abspath(self.config.model_dir))
             tf.summary.text("flags", flags_markdown(self.config))
         pictures, labels = self.augmented_examples()
@@ -106,51 +108,53 @@ class RunSummaries:
         unpreprocess = backbones.get_inverse_preprocessing(config.backbone)
         return unpreprocess(pictures.numpy()), np.argmax(one_hot.numpy(), axis=-1)
 
-    def phase_callback(self, phase: int, classifier: keras.Model, initial_epoch: int, learning_rate,
-                       step_offset: int = 0) -> keras.callbacks.Callback:
-        """A new callback for one fit() of `phase`, which began `step_offset` steps into its first
-        epoch (a resumed partial epoch). What outlives one fit() is kept here, per phase."""
-        state = self.phases.setdefault(phase, _PhaseState())
-        return PhaseSummaries(self, state, phase, classifier, initial_epoch, learning_rate, step_offset)
+    def stage_callback(self, stage: int, name: str, classifier: keras.Model, initial_epoch: int,
+                       learning_rate, step_offset: int = 0) -> keras.callbacks.Callback:
+        """A new callback for one fit() of stage `stage` (its index) called `name`, which began
+        `step_offset` steps into its first epoch (a resumed partial epoch). What outlives one fit() is
+        kept here, per stage."""
+        state = self.stages.setdefault(stage, _StageState())
+        return StageSummaries(self, state, stage, name, classifier, initial_epoch, learning_rate, step_offset)
 
-    def write_phase_end(self, phase: int, epoch: int, result: evaluation.Evaluation,
+    def write_stage_end(self, stage: int, name: str, epoch: int, result: evaluation.Evaluation,
                         metrics: dict) -> np.ndarray:
-        """Test metrics, the confusion matrix and the worst mistakes at the phase's end.
+        """Test metrics, the confusion matrix and the worst mistakes at the stage's end.
 
-        `result` evaluates the phase's test batches, which follow the raw test split's order;
-        `metrics` are its prefixed metrics (test_loss, ...) and whatever else the phase reports.
+        `result` evaluates the stage's test batches, which follow the raw test split's order;
+        `metrics` are its prefixed metrics (test_loss, ...) and whatever else the stage reports.
         Returns the indices of the mistakes drawn, worst first.
         """
         ends = dict(metrics)
         for run, values in self.last_epoch.items():
             ends.update({f"{run}_{name}": value for name, value in values.items()})
         with self.writers["run"].as_default(step=epoch):
-            for name, _ in HPARAM_METRICS:
-                if name in ends:
-                    tf.summary.scalar(f"phase_end/{name}", ends[name])
+            for metric, _ in HPARAM_METRICS:
+                if metric in ends:
+                    tf.summary.scalar(f"stage_end/{metric}", ends[metric])
         names = self.splits.class_names
+        label = f"Stage {stage} ({name})"
         matrix = evaluation.confusion_matrix(result.labels, result.predictions, len(names))
         grid, shown = evaluation.misclassified_image(result, self.splits.test, names, GRID_EXAMPLES)
         with self.writers["test"].as_default(step=epoch):
-            for name, value in result.metrics.items():
-                tf.summary.scalar(f"epoch_{name}", value)
-            tf.summary.scalar("epoch_phase", phase)
+            for metric, value in result.metrics.items():
+                tf.summary.scalar(f"epoch_{metric}", value)
+            tf.summary.scalar("epoch_stage", stage)
             tf.summary.image("confusion_matrix", images.confusion_matrix_image(matrix, names)[None],
-                             description=f"Phase {phase} on {len(result.labels)} test examples: rows are "
+                             description=f"{label} on {len(result.labels)} test examples: rows are "
                                          "true classes, columns predicted; shade is the share of the row.")
             tf.summary.text("confusion_matrix_counts", confusion_matrix_markdown(matrix, names))
             if len(shown):
                 tf.summary.image("misclassified", grid[None],
-                                 description=f"Phase {phase}: the {len(shown)} most confident mistakes "
+                                 description=f"{label}: the {len(shown)} most confident mistakes "
                                              "on the test split, with true and predicted labels.")
         self.flush()
         return shown
 
-    def write_model_summary(self, phase: int, classifier: keras.Model, fitted: keras.Model, step: int):
+    def write_model_summary(self, label: str, classifier: keras.Model, fitted: keras.Model, step: int):
         lines = []
         classifier.summary(print_fn=lambda text, **_: lines.append(text))
         trainable = sum(math.prod(w.shape) for w in fitted.trainable_weights)
-        header = (f"Phase {phase} fits `{fitted.name}` ({trainable:,} trainable parameters); "
+        header = (f"{label} fits `{fitted.name}` ({trainable:,} trainable parameters); "
                   f"the classifier it trains:\n\n")
         with self.writers["run"].as_default(step=step):
             tf.summary.text("model_summary", header + _code_block("\n".join(lines)))
@@ -193,16 +197,16 @@ class _Interval:
 
 
 @dataclasses.dataclass
-class _PhaseState:
-    """What one phase's fit() calls share: a resumed partial epoch's steps after its last batch-level
+class _StageState:
+    """What one stage's fit() calls share: a resumed partial epoch's steps after its last batch-level
     point count towards the next point, written by the next fit()."""
 
     interval: _Interval = dataclasses.field(default_factory=_Interval)
-    summarized: bool = False  # The model summary is written once per phase.
+    summarized: bool = False  # The model summary is written once per stage.
 
 
-class PhaseSummaries(keras.callbacks.Callback):
-    """Epoch and step scalars for one fit() of a phase, on the run's global epoch and step axes.
+class StageSummaries(keras.callbacks.Callback):
+    """Epoch and step scalars for one fit() of a stage, on the run's global epoch and step axes.
 
     Keras reports running means since the epoch began; batch_* scalars are the means over the
     steps since the previous point, recovered from those running means (k * mean_k - j * mean_j).
@@ -215,12 +219,13 @@ class PhaseSummaries(keras.callbacks.Callback):
     is not timed and *_input_wait is not written.
     """
 
-    def __init__(self, board: RunSummaries, state: _PhaseState, phase: int, classifier: keras.Model,
-                 initial_epoch: int, learning_rate, step_offset: int = 0):
+    def __init__(self, board: RunSummaries, state: _StageState, stage: int, name: str,
+                 classifier: keras.Model, initial_epoch: int, learning_rate, step_offset: int = 0):
         super().__init__()
         self.board = board
         self.state = state
-        self.phase = phase
+        self.stage = stage
+        self.name = name
         self.classifier = classifier
         self.initial_epoch = initial_epoch
         self.learning_rate = learning_rate
@@ -236,7 +241,8 @@ class PhaseSummaries(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         if not self.state.summarized:
-            self.board.write_model_summary(self.phase, self.classifier, self.model, self.initial_epoch)
+            self.board.write_model_summary(f"Stage {self.stage} ({self.name})", self.classifier, self.model,
+                                           self.initial_epoch)
             self.state.summarized = True
         self._times_input = _keras_is_tested(self.board)
         if self._times_input:
@@ -311,7 +317,7 @@ class PhaseSummaries(keras.callbacks.Callback):
             tf.summary.scalar("batch_learning_rate", self._current_learning_rate())
             self._write_speed("batch", interval.steps * self.board.config.batch_size, interval.seconds,
                               interval.wait)
-            tf.summary.scalar("batch_phase", self.phase)
+            tf.summary.scalar("batch_stage", self.stage)
         self._segment_start = time.perf_counter()
 
     def _advance(self, batches: int, means: dict):
@@ -356,7 +362,7 @@ class PhaseSummaries(keras.callbacks.Callback):
                 tf.summary.scalar(f"epoch_{name}", value)
             tf.summary.scalar("epoch_learning_rate", self._current_learning_rate())
             self._write_speed("epoch", examples, self._train_seconds, self._epoch_wait)
-            tf.summary.scalar("epoch_phase", self.phase)
+            tf.summary.scalar("epoch_stage", self.stage)
         if validation:
             with board.writers["validation"].as_default(step=epoch):
                 for name, value in validation.items():
@@ -454,7 +460,7 @@ def trim_logs(log_dir: str, epoch: int, global_step: int):
     """Drop summaries a resumed run is about to write again, so curves never hold a step twice.
 
     Per-step tags (`batch_*`, on the global step axis) go after `global_step`; everything written per
-    epoch or phase (on the epoch axis) goes from `epoch` on; RUN_START_TAGS stay. Each event file that
+    epoch or stage (on the epoch axis) goes from `epoch` on; RUN_START_TAGS stay. Each event file that
     loses a summary is rewritten atomically.
     """
     def keep(tag, step):

@@ -8,6 +8,7 @@ import tensorflow as tf
 
 from tl_keras import files
 from tl_keras.config import Config
+from tl_keras.model import classifier
 
 LABELS_FILE = "labels.txt"
 TFLITE_FILE = "model.tflite"
@@ -29,27 +30,50 @@ def latest_version_dir(export_root: str) -> str | None:
 
 def export_saved_model(model: keras.Model, export_root: str, preprocess, class_names,
                        tflite: bool = False, version_dir: str | None = None,
-                       max_image_pixels: int = Config.max_image_pixels) -> str:
+                       max_image_pixels: int = Config.max_image_pixels, temperature: float = 1.0) -> str:
     """Write model plus preprocessing and label names as export_root/N; return that path.
 
-    `preprocess` is the very function the training pipeline used, so served inputs are treated exactly
-    like training inputs. The directory appears only once complete (written under a temporary name),
-    with labels.txt in its assets/ and, if asked, model.tflite beside saved_model.pb. An existing
-    complete `version_dir` (a resumed run's) is kept as is. `serve_bytes` refuses images of more than
-    `max_image_pixels` (height x width) from their header, before decoding: the limit is part of the
-    export.
+    The directory appears only once complete (written under a temporary name), with what
+    write_saved_model writes. An existing complete `version_dir` (a resumed run's) is kept as is.
     """
     target = version_dir or next_version_dir(export_root)
     if os.path.exists(os.path.join(target, "saved_model.pb")):
         logging.info("Export %s already complete.", target)
         return target
+    os.makedirs(export_root, exist_ok=True)
+    with files.atomic_path(target) as tmp:
+        write_saved_model(model, tmp, preprocess, class_names, tflite, max_image_pixels, temperature)
+    write_labels(export_root, class_names)
+    logging.info("Exported SavedModel%s to %s", " and TFLite model" if tflite else "", target)
+    return target
+
+
+def write_labels(export_root: str, class_names):
+    """labels.txt beside the versions, for consumers that read class names from there."""
+    files.write_text(os.path.join(export_root, LABELS_FILE), "\n".join(class_names) + "\n")
+
+
+def write_saved_model(model: keras.Model, directory: str, preprocess, class_names, tflite: bool = False,
+                      max_image_pixels: int = Config.max_image_pixels, temperature: float = 1.0):
+    """The SavedModel of `model` (the classifier) in `directory`, which the caller publishes whole:
+    labels.txt in its assets/ and, if asked, model.tflite beside saved_model.pb.
+
+    `preprocess` is the very function the training pipeline used, so served inputs are treated exactly
+    like training inputs. Both signatures return `logits` (the classifier's, divided by
+    `temperature`), `probabilities` (their softmax), `classes` and `class_names`. `serve_bytes`
+    refuses images of more than `max_image_pixels` (height x width) from their header, before
+    decoding: the limit is part of the export.
+    """
+    logits_model = keras.Model(model.inputs, model.get_layer(classifier.LOGITS).output, name="logits")
     class_table = tf.constant(list(class_names), dtype=tf.string)
     example_shape = preprocess(tf.zeros([1, 8, 8, 3], tf.uint8)).shape[1:]
 
     def classify(inputs):
-        probabilities = tf.cast(model(inputs, training=False), tf.float32)
+        logits = tf.cast(logits_model(inputs, training=False), tf.float32) / temperature
+        probabilities = tf.nn.softmax(logits)
         classes = tf.argmax(probabilities, axis=-1)
         return {
+            "logits": logits,
             "probabilities": probabilities,
             "classes": classes,
             "class_names": tf.gather(class_table, classes),
@@ -99,19 +123,13 @@ def export_saved_model(model: keras.Model, export_root: str, preprocess, class_n
     archive.track(model)
     archive.add_endpoint("serving_default", serve)
     archive.add_endpoint("serve_bytes", serve_bytes)
-    os.makedirs(export_root, exist_ok=True)
-    labels = "\n".join(class_names) + "\n"
-    # TF Serving loads only all-digit version directories, so the temporary one is never served.
-    with files.atomic_path(target) as tmp:
-        archive.write_out(tmp, verbose=False)
-        os.makedirs(os.path.join(tmp, "assets"), exist_ok=True)
-        files.write_text(os.path.join(tmp, "assets", LABELS_FILE), labels)
-        if tflite:
-            tflite_model = convert_to_tflite(serve_tflite, model.variables)
-            files.write_bytes(os.path.join(tmp, TFLITE_FILE), tflite_model)
-    files.write_text(os.path.join(export_root, LABELS_FILE), labels)
-    logging.info("Exported SavedModel%s to %s", " and TFLite model" if tflite else "", target)
-    return target
+    # TF Serving loads only all-digit version directories, so the caller's temporary one is never served.
+    archive.write_out(directory, verbose=False)
+    os.makedirs(os.path.join(directory, "assets"), exist_ok=True)
+    files.write_text(os.path.join(directory, "assets", LABELS_FILE), "\n".join(class_names) + "\n")
+    if tflite:
+        tflite_model = convert_to_tflite(serve_tflite, model.variables)
+        files.write_bytes(os.path.join(directory, TFLITE_FILE), tflite_model)
 
 
 def convert_to_tflite(serve, variables) -> bytes:

@@ -1,6 +1,7 @@
 """--mode=predict: classify image files with an exported SavedModel, as any consumer would.
 
-Only the SavedModel is used (no model code), so this checks the export as much as it uses it. Each
+Only the SavedModel (and its metadata.json) is used, no model code, so this checks the export as much
+as it uses it. Each
 file is read and decoded here, so one unreadable file is reported and the rest still get answers, and
 photos are turned upright by their EXIF orientation, which no TF op reads.
 """
@@ -16,7 +17,10 @@ from tl_keras import files
 from tl_keras.config import Config
 from tl_keras.data import image_files
 from tl_keras.errors import UserError, op_message
+from tl_keras.serving import deploy
 from tl_keras.serving import export as export_lib
+
+UNCERTAIN = "uncertain"
 
 
 def run(config: Config) -> dict:
@@ -26,15 +30,21 @@ def run(config: Config) -> dict:
     logging.info("Classifying %d images with %s.", len(paths), export_dir)
     serve = tf.saved_model.load(export_dir).signatures["serving_default"]
     class_names = read_labels(export_dir)
+    threshold = (deploy.read_metadata(export_dir) or {}).get("confidence_threshold")
+    if threshold is not None:
+        logging.info("Answers whose top probability is below %.4f, the threshold the export chose for its "
+                     "target accuracy, are marked %s.", threshold, UNCERTAIN)
     results = []
     for result in predict_files(serve, paths, class_names, config.top_k, config.batch_size,
-                                config.max_image_pixels):
+                                config.max_image_pixels, threshold):
         print(format_result(result), flush=True)
         results.append(result)
     failed = sum("error" in r for r in results)
     if failed:
         logging.warning("%d of %d images could not be classified; see their errors.", failed, len(results))
     output = {"export_dir": export_dir, "results": results}
+    if threshold is not None:
+        output["confidence_threshold"] = threshold
     if config.output_json:
         directory = os.path.dirname(os.path.abspath(config.output_json))
         os.makedirs(directory, exist_ok=True)
@@ -78,8 +88,10 @@ def read_labels(export_dir: str) -> list | None:
 
 
 def predict_files(serve, paths, class_names, top_k: int, batch_size: int,
-                  max_image_pixels: int = Config.max_image_pixels):
-    """Yield one result per path, in order: {"image", "predictions"} or {"image", "error"}.
+                  max_image_pixels: int = Config.max_image_pixels, threshold: float | None = None):
+    """Yield one result per path, in order: {"image", "predictions"} or {"image", "error"}; with a
+    confidence `threshold`, predictions also say whether their top probability is below it
+    ("uncertain": true).
 
     Files are decoded one at a time into chunks of at most batch_size files and about max_image_pixels
     pixels, so memory stays bounded whatever the files hold. Images of one chunk that share a size go
@@ -94,12 +106,12 @@ def predict_files(serve, paths, class_names, top_k: int, batch_size: int,
             image = str(e)
         chunk.append((path, image))
         if len(chunk) == batch_size or pixels >= max_image_pixels:
-            yield from _classify_chunk(serve, chunk, class_names, top_k)
+            yield from _classify_chunk(serve, chunk, class_names, top_k, threshold)
             chunk, pixels = [], 0
-    yield from _classify_chunk(serve, chunk, class_names, top_k)
+    yield from _classify_chunk(serve, chunk, class_names, top_k, threshold)
 
 
-def _classify_chunk(serve, chunk, class_names, top_k: int):
+def _classify_chunk(serve, chunk, class_names, top_k: int, threshold: float | None = None):
     """Results for (path, image or error message) pairs, in their order."""
     results = {path: {"image": path, "error": image} for path, image in chunk if isinstance(image, str)}
     by_shape = {}
@@ -116,6 +128,8 @@ def _classify_chunk(serve, chunk, class_names, top_k: int):
             continue
         for (path, _), row in zip(group, probabilities.numpy()):
             results[path] = {"image": path, "predictions": top_classes(row, class_names, top_k)}
+            if threshold is not None:
+                results[path][UNCERTAIN] = bool(row.max() < threshold)
     for path, _ in chunk:
         yield results[path]
 
@@ -157,4 +171,5 @@ def format_result(result: dict) -> str:
     if "error" in result:
         return f"{result['image']}  ERROR: {result['error']}"
     return "  ".join([result["image"]] + [f"{p['class_name']} {p['probability']:.4f}"
-                                          for p in result["predictions"]])
+                                          for p in result["predictions"]]
+                     + ([f"({UNCERTAIN})"] if result.get(UNCERTAIN) else []))

@@ -1,9 +1,11 @@
 """--time_budget: plan the run's length from measured speeds, so that it fills the time it is given.
 
-The rule: every phase but the last keeps its epoch count from the flags (phase 1 warms up the head; more
-of it buys little), and the last phase that runs gets all the time that is left, in steps, so its
-learning-rate schedule can end exactly at its last step. The plan is made once, before training, from a
-few timed steps of each phase's kind; a resumed run keeps it and does not plan again.
+The rule: every stage but the last keeps its epoch count from the flags (the head stage warms up the head;
+more of it buys little, and an unfreezing schedule's early stages are short on purpose), and the last stage
+gets all the time that is left, in steps, so its learning-rate schedule can end exactly at its last step.
+The plan is made once, before training, from a few timed steps of each stage's kind; a resumed run keeps
+it and does not plan again. When the last stage starts, its steps are set once more from the time actually
+left (see Plan.fix_last): time that an earlier stage did not use (early stopping, a fast epoch) goes to it.
 """
 
 import dataclasses
@@ -20,119 +22,123 @@ EXPORT_SECONDS = 20.0
 # Kept free for what a plan cannot foresee: per-epoch saves and summaries, which the timed steps do not
 # include, and the noise of the measurement itself.
 SAFETY_FRACTION = 0.03
-# Steps timed per phase kind, after the warm-up ones that trace and compile.
+# Steps timed per stage kind, after the warm-up ones that trace and compile.
 WARMUP_STEPS, TIMED_STEPS = 2, 5
 
 
 @dataclasses.dataclass(frozen=True)
 class Rates:
-    """Measured speeds, in images per second: a train step of each phase, and inference; and the
-    seconds each phase's first steps take to trace and compile, which the real phase pays again."""
+    """Measured speeds, in images per second: a train step of each stage (by name), and inference; and
+    the seconds each stage's first steps take to trace and compile, which the real stage pays again."""
 
-    head: float
-    finetune: float
+    train: dict
     inference: float
-    head_setup: float = 0.0
-    finetune_setup: float = 0.0
+    setup: dict = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Rates":
+        if "train" not in data:  # A plan of the two-phase version: rates named head and finetune.
+            names = ("head", "finetune")
+            return cls(train={name: data[name] for name in names}, inference=data["inference"],
+                       setup={name: data.get(f"{name}_setup", 0.0) for name in names})
+        return cls(**data)
 
 
 @dataclasses.dataclass
 class Plan:
-    """Step counts per phase, and the time each is expected to take. Stored in the run's state."""
+    """Steps per stage, and the time each is expected to take. Stored in the run's state.
+
+    `stages` holds one {"name", "steps", "seconds"} per stage, in order.
+    """
 
     budget_seconds: float
     spent_seconds: float  # Before training: data preparation, model building, the measurements.
-    head_steps: int
-    finetune_steps: int
     steps_per_epoch: int
-    head_seconds: float
-    finetune_seconds: float
+    stages: list
     evaluation_export_seconds: float
     rates: dict
-    last_phase_fixed: bool = False  # The last phase's steps, set again when it starts (see fix_last).
+    last_stage_fixed: bool = False  # The last stage's steps, set again when it starts (see fix_last).
 
-    @property
-    def head_epochs(self) -> float:
-        return self.head_steps / self.steps_per_epoch
+    def steps(self, name: str) -> int:
+        return next(s["steps"] for s in self.stages if s["name"] == name)
 
-    @property
-    def finetune_epochs(self) -> float:
-        return self.finetune_steps / self.steps_per_epoch
+    def epochs(self, name: str) -> float:
+        return self.steps(name) / self.steps_per_epoch
 
     def describe(self) -> str:
+        rates = Rates.from_dict(self.rates)
         parts = [f"Budget {minutes(self.budget_seconds)}: preparation {minutes(self.spent_seconds)}"]
-        if self.head_steps:
-            parts.append(f"phase 1 {self.head_epochs:.1f} epochs at {self.rates['head']:.0f} img/s "
-                         f"({minutes(self.head_seconds)})")
-        if self.finetune_steps:
-            parts.append(f"phase 2 {self.finetune_epochs:.1f} epochs at {self.rates['finetune']:.0f} img/s "
-                         f"({minutes(self.finetune_seconds)})")
+        for stage in self.stages:
+            parts.append(f"{stage['name']} {stage['steps'] / self.steps_per_epoch:.1f} epochs at "
+                         f"{rates.train[stage['name']]:.0f} img/s ({minutes(stage['seconds'])})")
         parts.append(f"evaluation and export {minutes(self.evaluation_export_seconds)}")
         return ", ".join(parts)
 
     def to_dict(self) -> dict:
-        return dict(dataclasses.asdict(self), head_epochs=round(self.head_epochs, 3),
-                    finetune_epochs=round(self.finetune_epochs, 3))
+        return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> "Plan":
+        if "stages" not in data:  # The two-phase version's plan: head_steps and finetune_steps.
+            stages = [{"name": name, "steps": data[f"{name}_steps"], "seconds": data[f"{name}_seconds"]}
+                      for name in ("head", "finetune") if data[f"{name}_steps"]]
+            data = dict(data, stages=stages, last_stage_fixed=data.get("last_phase_fixed", False),
+                        rates=dataclasses.asdict(Rates.from_dict(data["rates"])))
         return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
 
     def fix_last(self, spent_seconds: float, num_validation: int, num_test: int, batch_size: int) -> "Plan":
-        """Set phase 2's steps once more when it starts, from the time actually left: phase 1 may have
-        run long or short of its plan (its first epoch also fills the input cache). Done once; a
-        resumed run keeps the result."""
-        if self.last_phase_fixed or not self.finetune_steps:
+        """Set the last stage's steps once more when it starts, from the time actually left: earlier
+        stages may have run long or short of their plan (the first epoch also fills the input cache,
+        and early stopping may end a stage early). Done once; a resumed run keeps the result."""
+        if self.last_stage_fixed or len(self.stages) < 2:
             return self
-        rates = Rates(**self.rates)
+        rates = Rates.from_dict(self.rates)
+        last = self.stages[-1]["name"]
         fixed = make_plan(self.budget_seconds, spent_seconds, self.steps_per_epoch, batch_size,
-                          num_validation, num_test, dataclasses.replace(rates, head_setup=0.0),
-                          head_epochs=0, finetune=True)
-        return dataclasses.replace(self, finetune_steps=fixed.finetune_steps,
-                                   finetune_seconds=fixed.finetune_seconds, last_phase_fixed=True)
+                          num_validation, num_test, rates, [(last, 0)])
+        return dataclasses.replace(self, stages=self.stages[:-1] + fixed.stages, last_stage_fixed=True)
 
 
 def make_plan(budget_seconds: float, spent_seconds: float, steps_per_epoch: int, batch_size: int,
-              num_validation: int, num_test: int, rates: Rates, head_epochs: int, finetune: bool,
+              num_validation: int, num_test: int, rates: Rates, stages: list,
               export_seconds: float = EXPORT_SECONDS) -> Plan:
     """Step counts that fill `budget_seconds`, of which `spent_seconds` are gone already.
 
-    Each epoch ends with a validation pass and each phase with a test pass, at the inference rate; the
-    last phase that runs (phase 2, or phase 1 without it) gets whatever is left after the others, the
-    evaluations, the export and a small safety margin, rounded down to whole steps.
+    `stages` is [(name, epochs)] in order; every stage but the last keeps its epochs. Each epoch ends
+    with a validation pass and each stage with a test pass, at the inference rate; the last stage gets
+    whatever is left after the others, the evaluations, the export and a small safety margin, rounded
+    down to whole steps.
     """
-    step_seconds = {"head": batch_size / rates.head, "finetune": batch_size / rates.finetune}
+    step_seconds = {name: batch_size / rates.train[name] for name, _ in stages}
     validation = num_validation / rates.inference
     test = num_test / rates.inference
-    last = "finetune" if finetune else "head"
-    fixed = {"head": head_epochs * steps_per_epoch if finetune else 0, "finetune": 0}
-    phases = 2 if finetune and head_epochs else 1
-    setup = rates.finetune_setup * finetune + rates.head_setup * bool(head_epochs or not finetune)
-    fixed_seconds = (fixed["head"] * step_seconds["head"] + head_epochs * validation * (last != "head")
-                     + setup)
-    left = (budget_seconds * (1 - SAFETY_FRACTION) - spent_seconds - fixed_seconds - phases * test
-            - export_seconds)
+    last = stages[-1][0]
+    counts = {name: epochs * steps_per_epoch for name, epochs in stages[:-1]}
+    setup = sum(rates.setup.get(name, 0.0) for name, _ in stages)
+    fixed_seconds = sum(counts[name] * step_seconds[name] + epochs * validation
+                        for name, epochs in stages[:-1]) + setup
+    left = budget_seconds * (1 - SAFETY_FRACTION) - spent_seconds - fixed_seconds - len(stages) * test \
+        - export_seconds
     # Solve steps * step + ceil(steps / steps_per_epoch) * validation <= left for the most steps.
     epoch_seconds = steps_per_epoch * step_seconds[last] + validation
     whole = max(0, math.floor(left / epoch_seconds))
     rest = left - whole * epoch_seconds - validation
     steps = whole * steps_per_epoch + max(0, min(steps_per_epoch - 1, math.floor(rest / step_seconds[last])))
     if steps < 1:
-        needed = (spent_seconds + fixed_seconds + phases * test + export_seconds
+        needed = (spent_seconds + fixed_seconds + len(stages) * test + export_seconds
                   + epoch_seconds / steps_per_epoch)
-        raise UserError(f"--time_budget is too short for this run: preparing, the fixed phases, evaluation "
+        raise UserError(f"--time_budget is too short for this run: preparing, the fixed stages, evaluation "
                         f"and export alone take about {minutes(needed)}. Received: "
                         f"time_budget={minutes(budget_seconds)}")
-    counts = dict(fixed, **{last: steps})
-    seconds = {name: counts[name] * step_seconds[name]
-               + math.ceil(counts[name] / steps_per_epoch) * validation
-               + (rates.head_setup if name == "head" else rates.finetune_setup) * (counts[name] > 0)
-               for name in counts}
+    counts[last] = steps
+    planned = [{"name": name, "steps": counts[name],
+                "seconds": round(counts[name] * step_seconds[name]
+                                 + math.ceil(counts[name] / steps_per_epoch) * validation
+                                 + rates.setup.get(name, 0.0), 2)}
+               for name, _ in stages]
     return Plan(budget_seconds=budget_seconds, spent_seconds=round(spent_seconds, 2),
-                head_steps=counts["head"], finetune_steps=counts["finetune"],
-                steps_per_epoch=steps_per_epoch, head_seconds=round(seconds["head"], 2),
-                finetune_seconds=round(seconds["finetune"], 2),
-                evaluation_export_seconds=round(phases * test + export_seconds, 2),
+                steps_per_epoch=steps_per_epoch, stages=planned,
+                evaluation_export_seconds=round(len(stages) * test + export_seconds, 2),
                 rates=dataclasses.asdict(rates))
 
 
@@ -150,8 +156,8 @@ class Clock:
 
 @dataclasses.dataclass(frozen=True)
 class Length:
-    """How long a phase trains: `epochs` epochs, the last of which has `last_epoch_steps` steps (a
-    planned phase ends where the budget does, usually inside an epoch)."""
+    """How long a stage trains: `epochs` epochs, the last of which has `last_epoch_steps` steps (a
+    planned stage ends where the budget does, usually inside an epoch)."""
 
     epochs: int
     last_epoch_steps: int

@@ -1,7 +1,7 @@
 """Resumable training state: where the run is, the weights, the optimizer and the RNG state.
 
 Keras's BackupAndRestore restores only the epoch of one fit() call and deletes its backup when fit()
-ends; a two-phase run needs its own record of which phase has finished. Each save writes a new
+ends; a run of several stages needs its own record of which stage has finished. Each save writes a new
 `checkpoints/state-NNNNNN/` directory and then atomically replaces `checkpoints/state.json`, which
 points at it, so a kill at any moment leaves either the old or the new state, never a torn one.
 
@@ -22,6 +22,7 @@ from tl_keras import files
 STATE_FILE = "state.json"
 LATEST = "latest.weights.h5"
 BEST = "best.weights.h5"
+STAGE_BEST = "stage_best.weights.h5"  # --early_stopping_patience: the stage in progress's best weights.
 MODEL_FILE = "model.weights.h5"
 OPTIMIZER_FILE = "optimizer.npz"
 RNG_FILE = "rng.npz"
@@ -29,10 +30,14 @@ RNG_FILE = "rng.npz"
 
 @dataclasses.dataclass
 class RunState:
-    """Progress of a run. `epoch` counts finished epochs across both phases; `step` counts finished
-    steps inside epoch `epoch` (non-zero only with --save_every_steps)."""
+    """Progress of a run. `stage` is the index of the stage in progress (schedule.build_stages), and
+    `stage_name` its name; `status` is train until every stage has finished, then export, then done.
+    `epoch` counts finished epochs across all stages; `step` counts finished steps inside epoch `epoch`
+    (non-zero only with --save_every_steps)."""
 
-    phase: str = "head"  # head | finetune | export | done
+    stage: int = 0
+    stage_name: str = ""
+    status: str = "train"  # train | export | done
     epoch: int = 0
     export_dir: str = ""
     step: int = 0
@@ -40,6 +45,13 @@ class RunState:
     save_id: int = 0
     plan: dict | None = None  # A --time_budget run's plan (budget.Plan), made once and kept on resume.
     elapsed_seconds: float = 0.0  # Wall time of the run's processes up to this save.
+    # --early_stopping_patience, for the stage in progress: its best validation accuracy, the epochs
+    # since it improved, and whether the stage was ended early. Reset when a stage starts.
+    stage_best_value: float | None = None
+    stage_wait: int = 0
+    stage_stopped: bool = False
+    learning_rates: dict = dataclasses.field(default_factory=dict)  # Rates that 'auto' chose, by flag.
+    phase: str | None = None  # The two-phase version's head|finetune|export|done, converted on resume.
 
 
 def checkpoint_dir(model_dir: str) -> str:
@@ -115,13 +127,35 @@ def restore(model_dir: str, state: RunState, classifier: keras.Model,
 
 
 def optimizer_variables(model: keras.Model) -> dict:
-    """The optimizer's variables by their path below the optimizer ('iteration',
-    'block5_conv1_kernel_momentum'): Keras numbers optimizers per process (adam, adam_1, ...), so the
-    optimizer's own name is no part of a key that must match after a restart."""
-    optimizer = model.optimizer
-    prefix = optimizer.name + "/"
-    return _unique({(v.path[len(prefix):] if v.path.startswith(prefix) else v.path): v
-                    for v in optimizer.variables}, optimizer.variables)
+    """The optimizer's variables by their name below the optimizer that owns them ('iteration',
+    'block5_conv1_kernel_momentum'). Not by path: Keras numbers optimizers per process (adam, adam_1,
+    ...), and an optimizer built inside a wrapper's apply gets the wrapper's name in its paths too
+    ('loss_scale_optimizer_3/adam_1/...'), so neither may be part of a key that must match after a
+    restart.
+
+    Wrapped optimizers: a mixed_float16 LossScaleOptimizer's own variables go under 'loss_scale/' and
+    its inner optimizer's keys are the unwrapped ones; a MultiOptimizer's sub-optimizers go under
+    their own names ('adam_block5/iteration'), which must therefore be stable (training/optimizers.py
+    names them after their blocks).
+    """
+    keyed = {}
+
+    def visit(optimizer, label: str):
+        if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+            children, own_label = [(optimizer.inner_optimizer, label)], label + "loss_scale/"
+        elif isinstance(optimizer, keras.optimizers.MultiOptimizer):
+            children, own_label = [(sub, f"{label}{sub.name}/") for sub in optimizer.optimizers], label
+        else:
+            children, own_label = [], label
+        nested = {id(v) for child, _ in children for v in child.variables}
+        for v in optimizer.variables:
+            if id(v) not in nested:
+                keyed[own_label + v.name] = v
+        for child, child_label in children:
+            visit(child, child_label)
+
+    visit(model.optimizer, "")
+    return _unique(keyed, model.optimizer.variables)
 
 
 def rng_variables(model: keras.Model) -> dict:

@@ -1,4 +1,4 @@
-"""The run's datasets: the splits that --dataset names, their pipelines, and what each phase trains on
+"""The run's datasets: the splits that --dataset names, their pipelines, and what each stage trains on
 (images, or with the feature cache, stored activations above a frozen boundary)."""
 
 import dataclasses
@@ -21,13 +21,13 @@ from tl_keras.model import registry
 from tl_keras.training import guards
 from tl_keras.training import run_dir
 
-# --cache_features=auto skips phase 2's cache above this size (CIFAR-10 at 32 px from block4: 1.7 GB).
+# --cache_features=auto skips fine-tuning's cache above this size (CIFAR-10 at 32 px from block4: 1.7 GB).
 MAX_AUTO_CACHE_BYTES = 8 << 30
 
 
 @dataclasses.dataclass
 class Data:
-    """Pipelines and step counts, built once and shared by both phases.
+    """Pipelines and step counts, built once and shared by every stage.
 
     `train(start_epoch, skip_steps)` builds the endless training stream from that point on.
     """
@@ -42,8 +42,8 @@ class Data:
 
 
 @dataclasses.dataclass
-class PhaseData:
-    """What one phase's fit() trains and on what: the classifier on images, or, with a feature
+class StageData:
+    """What one stage's fit() trains and on what: the classifier on images, or, with a feature
     cache, only the layers above a frozen boundary on stored activations."""
 
     model: keras.Model
@@ -137,21 +137,22 @@ def open_feature_cache(config: Config, data: Data) -> feature_cache.FeatureCache
     return feature_cache.FeatureCache(os.path.join(config.model_dir, run_dir.FEATURE_CACHE_DIR), key)
 
 
-def head_phase_data(model, config: Config, strategy, data: Data, cache, signals=None) -> PhaseData:
+def stage_data(model, config: Config, strategy, data: Data, cache, fine_tunes: bool,
+               signals=None) -> StageData:
+    """What a stage trains on: the head stage (`fine_tunes` False) on pooled features when there is a
+    cache, a fine-tuning stage on stored activations when the backbone can be cut, else images."""
     if cache is None:
-        return _image_phase_data(model, data)
-    return _cached_phase_data(model, config, strategy, data, cache, classifier.HEAD_INPUT, signals)
-
-
-def finetune_phase_data(model, config: Config, strategy, data: Data, cache, signals=None) -> PhaseData:
-    cut = _finetune_cut(model, config, data) if cache is not None else None
+        return _image_stage_data(model, data)
+    if not fine_tunes:
+        return _cached_stage_data(model, config, strategy, data, cache, classifier.HEAD_INPUT, signals)
+    cut = _finetune_cut(model, config, data)
     if cut is None:
-        return _image_phase_data(model, data)
-    return _cached_phase_data(model, config, strategy, data, cache, cut[1], signals)
+        return _image_stage_data(model, data)
+    return _cached_stage_data(model, config, strategy, data, cache, cut[1], signals)
 
 
-def _image_phase_data(model, data: Data) -> PhaseData:
-    return PhaseData(model, data.train, data.validation, data.test, data.class_weight)
+def _image_stage_data(model, data: Data) -> StageData:
+    return StageData(model, data.train, data.validation, data.test, data.class_weight)
 
 
 def _cached_splits(data: Data):
@@ -162,8 +163,8 @@ def _cached_splits(data: Data):
     return named
 
 
-def _cached_phase_data(model, config: Config, strategy, data: Data, cache, boundary: str,
-                       signals: guards.Signals | None = None) -> PhaseData:
+def _cached_stage_data(model, config: Config, strategy, data: Data, cache, boundary: str,
+                       signals: guards.Signals | None = None) -> StageData:
     """Train on stored activations at `boundary`, extracting every needed boundary in one pass.
 
     A SIGTERM or SIGINT during the extraction waits for the current batch; what was extracted is kept
@@ -197,22 +198,29 @@ def _cached_phase_data(model, config: Config, strategy, data: Data, cache, bound
                   for split in ("validation", "test") if (split, False) in arrays}
     with strategy.scope():
         upper = classifier.build_model_from(model, boundary)
-    return PhaseData(upper, train, evaluation.get("validation"), evaluation["test"], data.class_weight)
+    return StageData(upper, train, evaluation.get("validation"), evaluation["test"], data.class_weight)
 
 
 def _finetune_cut(model, config: Config, data: Data):
-    """Where phase 2 can cut the backbone for caching, if it will run and the cache is small enough."""
-    if not config.finetune_epochs:
+    """Where the one fine-tuning stage can cut the backbone for caching, if the cache is small enough.
+    With gradual unfreezing each stage trains more layers, so a cut for one would not serve the next:
+    those stages train on images."""
+    points = config.unfreeze_points
+    if len(points) != 1:
+        if points:
+            logging.info("Fine-tuning stages train on images: %d stages unfreeze at different layers.",
+                         len(points))
         return None
-    cut = classifier.split_at(model, config.fine_tune_at)
+    fine_tune_at = points[0][0]
+    cut = classifier.split_at(model, fine_tune_at)
     if cut is None:
-        logging.info("Phase 2 trains on images: the backbone cannot be cut at %s.", config.fine_tune_at)
+        logging.info("Fine-tuning trains on images: the backbone cannot be cut at %s.", fine_tune_at)
         return None
     splits = data.splits
     orientations = 1 if config.augment == "none" else 2
     copies = splits.num_train * orientations + splits.num_validation + splits.num_test
     size = copies * math.prod(cut[0].output.shape[1:]) * 4
     if config.cache_features == "auto" and size > MAX_AUTO_CACHE_BYTES:
-        logging.info("Phase 2 trains on images: caching %s would take %.1f GB.", cut[1], size / 1e9)
+        logging.info("Fine-tuning trains on images: caching %s would take %.1f GB.", cut[1], size / 1e9)
         return None
     return cut

@@ -1,7 +1,8 @@
-"""Stopping a run safely: at the first non-finite loss, and on SIGTERM or SIGINT.
+"""Stopping a fit() safely: at the first non-finite loss, on SIGTERM or SIGINT, and when a stage stops
+improving (--early_stopping_patience).
 
-Both stop inside fit() at a step boundary, so that what is on disk is a state the run can resume from
-(the last good one for a divergence, the current step for a signal) and nothing is exported.
+The first two stop inside fit() at a step boundary, so that what is on disk is a state the run can
+resume from (the last good one for a divergence, the current step for a signal) and nothing is exported.
 """
 
 import contextlib
@@ -100,9 +101,9 @@ class StopOnDivergence(keras.callbacks.Callback):
     checkpoint stays the one a rerun would start from, and no export is written.
     """
 
-    def __init__(self, phase: str, steps_per_epoch: int, learning_rate, flag: tuple, step_offset: int = 0):
+    def __init__(self, stage: str, steps_per_epoch: int, learning_rate, flag: tuple, step_offset: int = 0):
         super().__init__()
-        self.phase = phase
+        self.stage = stage
         self.flag = flag  # (name, value) of the learning-rate flag, for the message's Received: part.
         self.steps_per_epoch = steps_per_epoch
         self.learning_rate = learning_rate
@@ -121,10 +122,44 @@ class StopOnDivergence(keras.callbacks.Callback):
         if isinstance(rate, keras.optimizers.schedules.LearningRateSchedule):
             rate = rate(max(0, iteration - 1))
         raise UserError(
-            f"Training in {self.phase} diverged at step {step} of epoch {self._epoch + 1} (global step "
+            f"Training in {self.stage} diverged at step {step} of epoch {self._epoch + 1} (global step "
             f"{self._epoch * self.steps_per_epoch + step}): the loss is {float(loss)} at learning rate "
             f"{float(rate):g}. Nothing was exported; the last good checkpoint is kept. Lower the learning "
             f"rate and rerun with --overwrite. Received: {self.flag[0]}={self.flag[1]:g}")
 
     def on_epoch_end(self, epoch, logs=None):
         self.step_offset = 0
+
+
+class StopWhenNotImproving(keras.callbacks.Callback):
+    """End a stage after `patience` epochs without a better validation accuracy than the stage's best.
+
+    keras.callbacks.EarlyStopping keeps its best value and counter in memory and resets them in
+    on_train_begin; a stage runs several fit() calls (a resumed partial epoch has its own) and may
+    span processes, so the best value, the counter and the stop live in the run's state (`state`,
+    a checkpointing.RunState), which the checkpoint callback after this one saves. `save_best` stores
+    the stage's best weights, which the stage loads back when it ends.
+    """
+
+    def __init__(self, state, patience: int, save_best, monitor: str = "val_accuracy"):
+        super().__init__()
+        self.state = state
+        self.patience = patience
+        self.save_best = save_best
+        self.monitor = monitor
+
+    def on_epoch_end(self, epoch, logs=None):
+        value = (logs or {}).get(self.monitor)
+        if value is None:
+            return
+        state = self.state
+        if state.stage_best_value is None or value > state.stage_best_value:
+            state.stage_best_value, state.stage_wait = float(value), 0
+            self.save_best()
+            return
+        state.stage_wait += 1
+        if state.stage_wait >= self.patience:
+            state.stage_stopped = True
+            self.model.stop_training = True
+            logging.info("Early stopping after epoch %d: %s has not beaten %.4f for %d epochs.", epoch + 1,
+                         self.monitor, state.stage_best_value, state.stage_wait)

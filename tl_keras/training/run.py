@@ -13,6 +13,7 @@ from absl import logging
 import keras
 import tensorflow as tf
 
+from tl_keras import config as config_lib
 from tl_keras.config import Config
 from tl_keras.data import pipeline
 from tl_keras.errors import UserError
@@ -25,8 +26,9 @@ from tl_keras.training import distribute
 from tl_keras.training import exporting
 from tl_keras.training import guards
 from tl_keras.training import multi_worker_compat
-from tl_keras.training import phases
 from tl_keras.training import run_dir
+from tl_keras.training import schedule
+from tl_keras.training import stages
 
 
 def run(config: Config, strategy: tf.distribute.Strategy | None = None,
@@ -61,25 +63,31 @@ def _run(config: Config, strategy, splits, precision: str, signals: guards.Signa
         logging.info("Mixed precision: %s.", precision)
     if config.scale_lr_with_batch and strategy.num_replicas_in_sync > 1:
         replicas = strategy.num_replicas_in_sync
-        config = dataclasses.replace(config, head_learning_rate=config.head_learning_rate * replicas,
-                                     finetune_learning_rate=config.finetune_learning_rate * replicas)
-        logging.info("Learning rates scaled by %d replicas: %g (head), %g (fine-tune).", replicas,
-                     config.head_learning_rate, config.finetune_learning_rate)
+        scaled = {name: getattr(config, name) * replicas
+                  for name in ("head_learning_rate", "finetune_learning_rate")
+                  if getattr(config, name) != config_lib.AUTO}  # auto finds its rate at this batch size.
+        config = dataclasses.replace(config, **scaled)
+        logging.info("Learning rates scaled by %d replicas: %s.", replicas,
+                     ", ".join(f"{name} {value:g}" for name, value in scaled.items()) or "none (auto)")
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
     keras.utils.set_random_seed(config.seed)
     if config.mode == "train":
         state = checkpointing.load_state(config.model_dir)
-        if state is not None and state.phase == "done":
+        if state is not None and "done" in (state.status, state.phase):
             logging.info("The run in %s has finished; nothing to do. Pass --overwrite to start fresh.",
                          config.model_dir)
             return run_dir.read_metrics(config.model_dir)
     if splits is None:
         splits = datasets.load_splits(config)
     run_dir.check_dataset(config, splits.class_names, splits.fingerprint)
+    if config.mode in ("train", "export"):  # A missing package fails now, not after training.
+        exporting.check_before_training(config, splits)
     data = datasets.build_data(config, splits)
     if config.mode == "train":
-        return phases.train_and_export(config, strategy, data, signals, started)
+        return stages.train_and_export(config, strategy, data, signals, started)
+    if config.mode == "lr_find":
+        return stages.run_lr_find(config, strategy, data)
     model = restore_classifier(config, strategy, splits.num_classes)
     if config.mode == "evaluate":
         result = evaluation.evaluate(model, data.test, data.eval_steps, config.label_smoothing)
@@ -88,7 +96,7 @@ def _run(config: Config, strategy, splits, precision: str, signals: guards.Signa
         metrics = {"test": evaluation.prefixed(result.metrics, "test")}
         run_dir.update_metrics(config.model_dir, metrics)
         return dict(metrics, report=report)
-    return {"export_path": exporting.export(model, config, splits.class_names)}
+    return exporting.calibrate_and_export(model, config, splits)
 
 
 def restore_classifier(config: Config, strategy, num_classes: int) -> keras.Model:
@@ -104,6 +112,6 @@ def restore_classifier(config: Config, strategy, num_classes: int) -> keras.Mode
             config.head_units, config.head_batchnorm, config.dropout,
             matmul_small_convs=distribute.computes_on_cpu(strategy))
         model.load_weights(path)
-        phases.compile_classifier(model, config.head_learning_rate, config, num_classes)
+        schedule.compile_classifier(model, 1e-3, config, num_classes)  # Evaluation reads no rate.
     logging.info("Loaded %s.", path)
     return model

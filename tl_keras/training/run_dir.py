@@ -35,9 +35,10 @@ LOG_DIR = "logs"
 FEATURE_CACHE_DIR = "feature_cache"
 FOLDER_CHECK_DIR = "folder_check"
 LOCK_FILE = ".lock"
+LR_FIND_DIR = "lr_find"  # The range test's plots and suggestions (--mode=lr_find, auto rates).
 # What --overwrite removes; the feature cache and the folder check's memo stay: their keys guard them.
-RUN_OUTPUTS = ("checkpoints", LOG_DIR, EXPORT_DIR, EVAL_DIR, METRICS_FILE, CONFIG_FILE, FLAGS_FILE,
-               LABELS_FILE, DATASET_FILE)
+RUN_OUTPUTS = ("checkpoints", LOG_DIR, EXPORT_DIR, EVAL_DIR, LR_FIND_DIR, METRICS_FILE, CONFIG_FILE,
+               FLAGS_FILE, LABELS_FILE, DATASET_FILE)
 # Everything a run may leave in model_dir: a directory holding anything else is not a run's.
 RUN_ENTRIES = frozenset(RUN_OUTPUTS) | {FEATURE_CACHE_DIR, FOLDER_CHECK_DIR, LOCK_FILE}
 
@@ -166,7 +167,7 @@ def read_metrics(model_dir: str) -> dict:
 
 
 def update_metrics(model_dir: str, new: dict):
-    """Merge `new` into metrics.json; what other phases wrote stays."""
+    """Merge `new` into metrics.json; what other stages wrote stays."""
     metrics = read_metrics(model_dir)
     metrics.update(new)
     files.write_json(os.path.join(model_dir, METRICS_FILE), metrics)
