@@ -17,8 +17,10 @@ import numpy as np
 
 from tl_keras.errors import UserError
 
-# Reserved for the export (SavedModel, labels) and the final saves, which the plan cannot time ahead.
+# Reserved for the export (SavedModel, labels) and the final saves, which the plan cannot time ahead;
+# and for converting each further format (TFLite, ONNX, OpenVINO; see export_seconds).
 EXPORT_SECONDS = 20.0
+FORMAT_SECONDS = 30.0
 # Kept free for what a plan cannot foresee: per-epoch saves and summaries, which the timed steps do not
 # include, and the noise of the measurement itself.
 SAFETY_FRACTION = 0.03
@@ -58,6 +60,7 @@ class Plan:
     evaluation_export_seconds: float
     rates: dict
     last_stage_fixed: bool = False  # The last stage's steps, set again when it starts (see fix_last).
+    export_seconds: float = EXPORT_SECONDS  # Of evaluation_export_seconds: the export and its checks.
 
     def steps(self, name: str) -> int:
         return next(s["steps"] for s in self.stages if s["name"] == name)
@@ -95,7 +98,7 @@ class Plan:
         rates = Rates.from_dict(self.rates)
         last = self.stages[-1]["name"]
         fixed = make_plan(self.budget_seconds, spent_seconds, self.steps_per_epoch, batch_size,
-                          num_validation, num_test, rates, [(last, 0)])
+                          num_validation, num_test, rates, [(last, 0)], self.export_seconds)
         return dataclasses.replace(self, stages=self.stages[:-1] + fixed.stages, last_stage_fixed=True)
 
 
@@ -139,7 +142,14 @@ def make_plan(budget_seconds: float, spent_seconds: float, steps_per_epoch: int,
     return Plan(budget_seconds=budget_seconds, spent_seconds=round(spent_seconds, 2),
                 steps_per_epoch=steps_per_epoch, stages=planned,
                 evaluation_export_seconds=round(len(stages) * test + export_seconds, 2),
-                rates=dataclasses.asdict(rates))
+                rates=dataclasses.asdict(rates), export_seconds=round(export_seconds, 2))
+
+
+def export_seconds(formats: int, examples: int, inference: float) -> float:
+    """Time the end of a run needs after the last stage: the SavedModel, `formats` further formats to
+    convert, and `examples` images read at the inference rate (calibration's validation and test
+    passes, and each format's parity check)."""
+    return EXPORT_SECONDS + FORMAT_SECONDS * formats + examples / inference
 
 
 class Clock:

@@ -96,7 +96,7 @@ def calibrate_and_export(model: keras.Model, config: Config, splits: pipeline.Sp
         _logits(plain, splits.validation, cap, config.batch_size)[:2] if validation else (None, None))
     test_logits, test_labels, keras_seconds = _logits(plain, splits.test, cap, config.batch_size)
 
-    fitted = config.calibrate == "true" or (config.calibrate == "auto" and validation)
+    fitted = calibrates(config, splits)
     temperature = calibration.fit_temperature(validation_logits, validation_labels) if fitted else 1.0
     report = calibration.build_report(test_logits, test_labels, temperature, validation_logits,
                                       validation_labels, config.target_accuracy)
@@ -155,6 +155,11 @@ def check_parity(config: Config, rows):
         raise UserError(f"Exported {names} below --min_accuracy on {failing[0]['examples']} test examples, "
                         f"so nothing was exported (checkpoints and metrics.json are kept). "
                         f"Received: min_accuracy={config.min_accuracy}")
+
+
+def calibrates(config: Config, splits: pipeline.Splits) -> bool:
+    """Whether the export fits a temperature: --calibrate=true, or auto with a validation split."""
+    return config.calibrate == "true" or (config.calibrate == "auto" and _has_validation(splits))
 
 
 def _has_validation(splits: pipeline.Splits) -> bool:

@@ -174,9 +174,13 @@ def _plan(config: Config, strategy, data: datasets.Data, stages: list[Stage], st
         logging.info("Keeping the plan made when the run began. %s.", plan.describe())
         return plan
     rates = _measure_rates(config, strategy, data, stages)
+    validation, test = _evaluated_examples(config, data)
+    formats = exporting.export_formats(config)
+    checked = min(test, config.parity_examples) if config.parity_examples else test
+    read = validation + test + checked * len(formats)  # The export's report, then each format's parity.
     plan = budget.make_plan(config.time_budget_seconds, clock(), data.train_steps, config.batch_size,
-                            *_evaluated_examples(config, data), rates,
-                            [(stage.name, stage.epochs) for stage in stages])
+                            validation, test, rates, [(stage.name, stage.epochs) for stage in stages],
+                            budget.export_seconds(len(formats) - 1, read, rates.inference))
     logging.info("%s.", plan.describe())
     _store_plan(plan, config, state, clock)
     return plan
