@@ -31,6 +31,8 @@ from tl_keras.serving import formats
 from tl_keras.serving import parity
 from tl_keras.serving import predict
 from tl_keras.training import exporting
+from tl_keras.training import run as train
+from tl_keras.training import stages
 
 from helpers import CLASS_NAMES, make_examples, make_splits
 
@@ -455,3 +457,20 @@ def test_predict_marks_answers_below_the_threshold_uncertain(exported, tmp_path,
         assert item["uncertain"] == bool(confidence < threshold)
         assert line.endswith("(uncertain)") == item["uncertain"]
     assert 0 < sum(item["uncertain"] for item in result["results"]) < len(pictures)
+
+
+def test_a_missing_package_stops_the_run_before_any_stage(make_config, monkeypatch):
+    """Found when the run starts, not after an hour of training."""
+    real = formats.import_package
+
+    def absent(name):
+        if name == "onnxruntime":
+            raise ModuleNotFoundError("No module named 'onnxruntime'")
+        return real(name)
+
+    monkeypatch.setattr(formats, "import_package", absent)
+    monkeypatch.setattr(stages, "train_stage", lambda *a, **k: pytest.fail("a stage ran"))
+    config = make_config(export_formats=("onnx",))
+    with pytest.raises(UserError, match=r"needs onnxruntime \(not installed\)"):
+        train.run(config, splits=make_splits())
+    assert not os.path.exists(os.path.join(config.model_dir, "checkpoints"))

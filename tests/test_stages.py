@@ -65,10 +65,21 @@ def test_an_unfreeze_schedule_with_other_fine_tuning_flags_is_refused(make_confi
         make_config(unfreeze_schedule=GRADUAL, finetune_epochs=7)
     with flagsaver.flagsaver():  # On the command line, even a value equal to the default counts.
         tl_flags.FLAGS.unparse_flags()
-        tl_flags.FLAGS(["prog", "--model_dir=x", f"--unfreeze_schedule={GRADUAL}",
+        tl_flags.parse(["prog", "--model_dir=x", f"--unfreeze_schedule={GRADUAL}",
                         "--fine_tune_at=block4_conv1"])
         with pytest.raises(UserError, match=r"Received: fine_tune_at=block4_conv1$"):
             tl_flags.get_config()
+
+
+def test_an_unfreeze_schedule_replaces_a_flagfiles_fine_tuning(tmp_path):
+    """configs/*.flags set --fine_tune_at and --finetune_epochs; a schedule added after them wins."""
+    flagfile = tmp_path / "recipe.flags"
+    flagfile.write_text("--fine_tune_at=all\n--finetune_epochs=9\n")
+    with flagsaver.flagsaver():
+        tl_flags.FLAGS.unparse_flags()
+        tl_flags.parse(["prog", "--model_dir=x", f"--flagfile={flagfile}", f"--unfreeze_schedule={GRADUAL}"])
+        config = tl_flags.get_config()
+    assert (config.fine_tune_at, config.finetune_epochs) == ("block3_conv1", 4)
 
 
 def test_flags_txt_of_a_gradual_run_round_trips(make_config, tmp_path):

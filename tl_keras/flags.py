@@ -16,6 +16,8 @@ FLAGS = flags.FLAGS
 _DEFAULTS = config_lib.Config(model_dir="unused")
 # absl.app defines --help, -? and --helpshort to print main's docstring; -h is ours. --helpfull stays absl's.
 HELP_ARGS = ("--help", "-help", "-h", "--helpshort", "-helpshort", "-?")
+# Flags given on the command line itself, not through a --flagfile: set by parse().
+_ON_COMMAND_LINE = set()
 _WIDTH = 100
 
 # The run.
@@ -185,6 +187,8 @@ flags.DEFINE_list("profile_steps", list(map(str, _DEFAULTS.profile_steps)),
 def parse(argv):
     """absl.app's flags_parser: our help for --help, and absl's flag errors as one line, not a usage dump."""
     args = argv[1:argv.index("--")] if "--" in argv else argv[1:]
+    _ON_COMMAND_LINE.clear()
+    _ON_COMMAND_LINE.update(_flag_name(arg) for arg in args if arg.startswith("-"))
     if any(arg in HELP_ARGS for arg in args):
         sys.stdout.write(help_text())
         sys.exit(0)
@@ -195,6 +199,11 @@ def parse(argv):
     if len(remaining) > 1:  # Everything is a flag: a stray word is a typo, not an input.
         sys.exit(f"tl_keras: error: unexpected arguments: {' '.join(remaining[1:])}")
     return remaining
+
+
+def _flag_name(arg: str) -> str:
+    name = arg.lstrip("-").split("=", 1)[0]
+    return name[2:] if name.startswith("no") and name[2:] in FLAGS and FLAGS[name[2:]].boolean else name
 
 
 def help_text() -> str:
@@ -240,7 +249,7 @@ def _show_default(value) -> str:
     return str(value) if value != "" else "''"
 
 
-def get_config(flag_values=FLAGS) -> config_lib.Config:
+def get_config(flag_values=FLAGS, command_line: set | None = None) -> config_lib.Config:
     """Turn parsed flags into the frozen Config; raises UserError on bad combinations."""
     kwargs = {}
     for field, spec in config_lib.Config.__dataclass_fields__.items():
@@ -257,7 +266,7 @@ def get_config(flag_values=FLAGS) -> config_lib.Config:
             value = tuple(value)
         kwargs[field] = value
     if kwargs["unfreeze_schedule"]:
-        _check_replaced(flag_values, kwargs)
+        _replace_fine_tuning(kwargs, _ON_COMMAND_LINE if command_line is None else command_line)
     return config_lib.Config(**kwargs)
 
 
@@ -270,17 +279,21 @@ def _parse_rate(name, value):
         raise config_lib.UserError(f"--{name} must be a number or auto. Received: {name}={value}") from None
 
 
-def _check_replaced(flag_values, kwargs):
-    """--unfreeze_schedule with an explicit --fine_tune_at or --finetune_epochs that says otherwise."""
+def _replace_fine_tuning(kwargs, command_line: set):
+    """--unfreeze_schedule replaces --fine_tune_at and --finetune_epochs: a flagfile's values give way
+    to it (so a recipe's flagfile can be run with a schedule added), but the same command line giving
+    both, with other values, is a contradiction."""
     try:
         points = config_lib.parse_unfreeze_schedule(kwargs["unfreeze_schedule"])
     except ValueError:
         return  # Config's validation says what is wrong with it.
     implied = {"fine_tune_at": points[0][0], "finetune_epochs": sum(e for _, e in points)}
     for name, value in implied.items():
-        if flag_values[name].present and kwargs[name] != value:
+        if name in command_line and kwargs[name] != value:
             raise config_lib.UserError(f"--unfreeze_schedule replaces --fine_tune_at and --finetune_epochs; "
-                                       f"give one or the other. Received: {name}={kwargs[name]}")
+                                       f"give one or the other (--unfreeze_schedule= turns a flagfile's "
+                                       f"schedule off). Received: {name}={kwargs[name]}")
+        kwargs[name] = value
 
 
 def _parse_units(values):

@@ -72,10 +72,11 @@ def train_and_export(config: Config, strategy, data: datasets.Data,
     try:
         while state.status == "train" and state.stage < len(stages):
             stage = stages[state.stage]
+            state.stage_name = stage.name
+            peak = _peak_rate(stage, model, config, strategy, data, state, metrics)  # Before the steps are
+            # set again below, so that an 'auto' range test's time counts against the budget.
             if plan and stage is stages[-1] and len(stages) > 1 and not plan.last_stage_fixed:
                 plan, lengths = _fix_last_stage(plan, config, data, stages, state, clock)
-            state.stage_name = stage.name
-            peak = _peak_rate(stage, model, config, strategy, data, state, metrics)
             stage_data = datasets.stage_data(model, config, strategy, data, cache, stage.fine_tunes, signals)
             metrics.setdefault("stages", {})[stage.name] = train_stage(
                 model, stage_data, stage, stages, config, strategy, data.train_steps, state, peak, board,
