@@ -16,7 +16,11 @@ STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker", "tpu"
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 CACHE_FEATURES = ("auto", "true", "false")
 CHECKPOINTS = ("latest", "best")
-AUGMENTATIONS = ("none", "flip", "flip_translate")
+# --augment: "none", or a comma-separated set of these names (flip and flip_translate exclude each other).
+AUGMENTATIONS = ("none", "flip", "flip_translate", "randaugment", "erasing", "mixup", "cutmix")
+# Augmentations a feature cache stores exactly (both orientations); flip_translate's shifts it drops.
+CACHEABLE_AUGMENTATIONS = frozenset({"flip"})
+TTA_MODES = ("none", "flip")
 CLASS_WEIGHTS = ("none", "balanced")
 # Export formats; saved_model is always written. The names are those of --export_formats.
 EXPORT_FORMATS = ("saved_model", "tflite", "tflite_int8", "onnx", "openvino")
@@ -89,6 +93,11 @@ class Config:
     image_size: int = setting(32, group=DATA, lifetime=ARCHITECTURE)
     batch_size: int = setting(64, group=DATA, lifetime=EXPERIMENT)
     augment: str = setting("flip_translate", group=DATA, lifetime=EXPERIMENT)
+    randaugment_ops: int = setting(2, group=DATA, lifetime=EXPERIMENT)
+    randaugment_magnitude: float = setting(0.5, group=DATA, lifetime=EXPERIMENT)
+    erasing_probability: float = setting(0.25, group=DATA, lifetime=EXPERIMENT)
+    mixup_alpha: float = setting(0.2, group=DATA, lifetime=EXPERIMENT)
+    cutmix_alpha: float = setting(1.0, group=DATA, lifetime=EXPERIMENT)
     seed: int = setting(42, group=DATA, lifetime=EXPERIMENT)
 
     # Model.
@@ -113,6 +122,7 @@ class Config:
     lr_find_stage: str | None = setting(None, group=SCHEDULE, lifetime=RUNTIME)
     lr_find_steps: int = setting(100, group=SCHEDULE, lifetime=RUNTIME)
     label_smoothing: float = setting(0.0, group=SCHEDULE, lifetime=EXPERIMENT)
+    ema_decay: float | None = setting(None, group=SCHEDULE, lifetime=EXPERIMENT)
     scale_lr_with_batch: bool = setting(False, group=SCHEDULE, lifetime=EXPERIMENT)
     steps_per_epoch: int | None = setting(None, group=SCHEDULE, lifetime=EXPERIMENT)
     time_budget: str | None = setting(None, group=SCHEDULE, lifetime=EXPERIMENT)
@@ -130,6 +140,9 @@ class Config:
     # What is exported and how it is checked happens after training, so a resumed run may change it.
     export_formats: tuple[str, ...] = setting(("saved_model",), group=SERVING, lifetime=RUNTIME)
     export_tflite: bool = setting(False, group=SERVING, lifetime=EXPERIMENT)
+    # Test-time augmentation changes what is measured and exported, not what trains.
+    tta: str = setting("none", group=SERVING, lifetime=RUNTIME)
+    export_tta: bool = setting(False, group=SERVING, lifetime=RUNTIME)
     parity_examples: int | None = setting(None, group=SERVING, lifetime=RUNTIME)
     calibrate: str = setting("auto", group=SERVING, lifetime=RUNTIME)
     target_accuracy: float = setting(0.95, group=SERVING, lifetime=RUNTIME)
@@ -146,6 +159,9 @@ class Config:
 
     def __post_init__(self):
         self.validate()
+        # One spelling per set, so that a resumed run and flags.txt compare equal whatever the order.
+        object.__setattr__(self, "augment", ",".join(sorted(parse_augment(self.augment), key=AUGMENTATIONS.index))
+                           or "none")
         if self.unfreeze_schedule:  # It replaces both; flags.txt then repeats the values it implies.
             points = parse_unfreeze_schedule(self.unfreeze_schedule)
             object.__setattr__(self, "fine_tune_at", points[0][0])
@@ -253,8 +269,27 @@ class Config:
             value = getattr(self, name)
             if value is not None and value < 1:
                 _fail(f"--{name} must be positive when set", **{name: value})
-        if self.augment not in AUGMENTATIONS:
-            _fail(f"--augment must be one of {', '.join(AUGMENTATIONS)}", augment=self.augment)
+        try:
+            augmentations = parse_augment(self.augment)
+        except ValueError as e:
+            _fail(f"--augment must be none or a comma-separated set of {', '.join(AUGMENTATIONS[1:])} ({e})",
+                  augment=self.augment)
+        if self.cache_features == "true" and augmentations - CACHEABLE_AUGMENTATIONS - {"flip_translate"}:
+            stored = ", ".join(sorted(augmentations - CACHEABLE_AUGMENTATIONS - {"flip_translate"}))
+            _fail(f"--cache_features=true cannot store {stored}: a cached stage would train without it. "
+                  "Pass --cache_features=auto (off for this augmentation) or false", cache_features="true")
+        if self.randaugment_ops < 1:
+            _fail("--randaugment_ops must be positive", randaugment_ops=self.randaugment_ops)
+        for name in ("randaugment_magnitude", "erasing_probability", "mixup_alpha", "cutmix_alpha"):
+            if not 0.0 < getattr(self, name) <= 1.0:
+                _fail(f"--{name} must be in (0, 1]", **{name: getattr(self, name)})
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            _fail("--ema_decay must be in (0, 1), such as 0.999", ema_decay=self.ema_decay)
+        if self.tta not in TTA_MODES:
+            _fail(f"--tta must be one of {', '.join(TTA_MODES)}", tta=self.tta)
+        if self.export_tta and self.tta == "none":
+            _fail("--export_tta puts --tta's views into the export; pass --tta=flip as well",
+                  export_tta=self.export_tta)
         if self.cache_features not in CACHE_FEATURES:
             _fail(f"--cache_features must be one of {', '.join(CACHE_FEATURES)}",
                   cache_features=self.cache_features)
@@ -322,6 +357,22 @@ class Config:
             else:
                 lines.append(f"--{field.name}={value}")
         return "\n".join(lines) + "\n"
+
+
+def parse_augment(text: str) -> frozenset[str]:
+    """'flip_translate,mixup' -> {'flip_translate', 'mixup'}; 'none' -> {}; ValueError saying what is wrong."""
+    names = [name.strip() for name in text.split(",")] if text else []
+    if names == ["none"]:
+        return frozenset()
+    unknown = [name for name in names if name not in AUGMENTATIONS[1:]]
+    if unknown or not names:
+        raise ValueError(f"{unknown[0] if unknown else text!r} is not one of them"
+                         + ("; none stands alone" if "none" in unknown else ""))
+    if len(set(names)) != len(names):
+        raise ValueError("a name appears twice")
+    if {"flip", "flip_translate"} <= set(names):
+        raise ValueError("flip_translate already flips")
+    return frozenset(names)
 
 
 def parse_unfreeze_schedule(text: str) -> list[tuple[str, int]]:
