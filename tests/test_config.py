@@ -124,7 +124,13 @@ ADDED_SINCE = {"max_image_pixels": config_lib.RUNTIME, "time_budget": config_lib
                "lr_find_stage": config_lib.RUNTIME, "lr_find_steps": config_lib.RUNTIME,
                # Applied after training (export, calibration, parity): a resumed run may change them.
                "export_formats": config_lib.RUNTIME, "parity_examples": config_lib.RUNTIME,
-               "calibrate": config_lib.RUNTIME, "target_accuracy": config_lib.RUNTIME}
+               "calibrate": config_lib.RUNTIME, "target_accuracy": config_lib.RUNTIME,
+               # Issue 16: augmentation strengths and weight averaging train; test-time augmentation
+               # changes only what is measured and exported.
+               "randaugment_ops": config_lib.EXPERIMENT, "randaugment_magnitude": config_lib.EXPERIMENT,
+               "erasing_probability": config_lib.EXPERIMENT, "mixup_alpha": config_lib.EXPERIMENT,
+               "cutmix_alpha": config_lib.EXPERIMENT, "ema_decay": config_lib.EXPERIMENT,
+               "tta": config_lib.RUNTIME, "export_tta": config_lib.RUNTIME}
 
 
 def test_lifetimes_accept_what_the_old_name_sets_accepted():

@@ -160,8 +160,7 @@ class Config:
     def __post_init__(self):
         self.validate()
         # One spelling per set, so that a resumed run and flags.txt compare equal whatever the order.
-        object.__setattr__(self, "augment", ",".join(sorted(parse_augment(self.augment), key=AUGMENTATIONS.index))
-                           or "none")
+        object.__setattr__(self, "augment", ",".join(self.augmentations) or "none")
         if self.unfreeze_schedule:  # It replaces both; flags.txt then repeats the values it implies.
             points = parse_unfreeze_schedule(self.unfreeze_schedule)
             object.__setattr__(self, "fine_tune_at", points[0][0])
@@ -177,6 +176,11 @@ class Config:
     @property
     def time_budget_seconds(self) -> float | None:
         return parse_duration(self.time_budget) if self.time_budget else None
+
+    @property
+    def augmentations(self) -> tuple[str, ...]:
+        """--augment's names in AUGMENTATIONS' order; () for none."""
+        return tuple(sorted(parse_augment(self.augment), key=AUGMENTATIONS.index))
 
     @property
     def weights_path(self) -> str | None:
@@ -360,7 +364,7 @@ class Config:
 
 
 def parse_augment(text: str) -> frozenset[str]:
-    """'flip_translate,mixup' -> {'flip_translate', 'mixup'}; 'none' -> {}; ValueError saying what is wrong."""
+    """'flip_translate,mixup' -> {'flip_translate', 'mixup'}, 'none' -> {}; else ValueError saying why."""
     names = [name.strip() for name in text.split(",")] if text else []
     if names == ["none"]:
         return frozenset()

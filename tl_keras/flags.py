@@ -62,9 +62,23 @@ flags.DEFINE_enum("class_weight", _DEFAULTS.class_weight, config_lib.CLASS_WEIGH
 flags.DEFINE_integer("image_size", _DEFAULTS.image_size, "Side in pixels that images are resized to.")
 flags.DEFINE_integer("batch_size", _DEFAULTS.batch_size,
                      "Global batch size, split across replicas; must divide by their number.")
-flags.DEFINE_enum("augment", _DEFAULTS.augment, config_lib.AUGMENTATIONS,
-                  "Training augmentation: none, random horizontal flips, or flips plus random "
-                  "translations of up to 1/8 of the side.")
+flags.DEFINE_string("augment", _DEFAULTS.augment,
+                    "Training augmentation: none, or a comma-separated set of flip (random horizontal "
+                    "flips), flip_translate (flips plus random shifts of up to 1/8 of the side), randaugment "
+                    "(keras.layers.RandAugment), erasing (RandomErasing), mixup (MixUp) and cutmix (CutMix; "
+                    "with mixup, each batch gets one of the two). E.g. flip_translate,mixup. Each example's "
+                    "augmentation depends only on --seed, the epoch and the example.")
+flags.DEFINE_integer("randaugment_ops", _DEFAULTS.randaugment_ops,
+                     "randaugment: operations applied to each image, chosen at random from RandAugment's 11.")
+flags.DEFINE_float("randaugment_magnitude", _DEFAULTS.randaugment_magnitude,
+                   "randaugment: the largest strength of an operation, in (0, 1] (RandAugment's factor).")
+flags.DEFINE_float("erasing_probability", _DEFAULTS.erasing_probability,
+                   "erasing: the probability that an image gets a random rectangle filled with noise.")
+flags.DEFINE_float("mixup_alpha", _DEFAULTS.mixup_alpha,
+                   "mixup: images and labels mixed with a weight drawn from Beta(alpha, alpha), in (0, 1].")
+flags.DEFINE_float("cutmix_alpha", _DEFAULTS.cutmix_alpha,
+                   "cutmix: the pasted rectangle's share of the image drawn from Beta(alpha, alpha), in "
+                   "(0, 1]; the labels are mixed by that share.")
 flags.DEFINE_integer("seed", _DEFAULTS.seed, "Seed for the validation hold-out, shuffling and augmentation.")
 
 # Model.
@@ -87,7 +101,8 @@ flags.DEFINE_enum("cache_features", _DEFAULTS.cache_features, config_lib.CACHE_F
                   "Compute frozen backbone outputs once instead of every epoch: pooled features for "
                   "the head stage, and for one fine-tuning stage the output of the layers below it "
                   "(plain-chain backbones such as VGG). Exact for --augment=none or flip (both orientations "
-                  "are cached). auto: on unless --augment=flip_translate; true drops the translations.")
+                  "are cached). auto: on only for those; true drops flip_translate's translations and is "
+                  "refused with any other augmentation.")
 
 # Schedule, the fine-tuning stages.
 flags.DEFINE_integer("finetune_epochs", _DEFAULTS.finetune_epochs,
@@ -121,6 +136,10 @@ flags.DEFINE_integer("lr_find_steps", _DEFAULTS.lr_find_steps,
 
 # Schedule, every stage.
 flags.DEFINE_float("label_smoothing", _DEFAULTS.label_smoothing, "Label smoothing of the loss.")
+flags.DEFINE_float("ema_decay", None,
+                   "Keep an exponential moving average of the weights with this decay (e.g. 0.999; it "
+                   "averages over about 1 / (1 - decay) steps), and validate, checkpoint, evaluate and "
+                   "export the average. Each stage starts a new average from the weights it starts with.")
 flags.DEFINE_boolean("scale_lr_with_batch", _DEFAULTS.scale_lr_with_batch,
                      "Multiply both learning rates by the number of replicas (linear scaling rule).")
 flags.DEFINE_integer("steps_per_epoch", None, "Cap on train steps per epoch, for short runs.")
@@ -153,6 +172,13 @@ flags.DEFINE_list("export_formats", list(_DEFAULTS.export_formats),
 flags.DEFINE_boolean("export_tflite", _DEFAULTS.export_tflite,
                      "Also write model.tflite into the export version directory (adds tflite to "
                      "--export_formats).")
+flags.DEFINE_enum("tta", _DEFAULTS.tta, config_lib.TTA_MODES,
+                  "Test-time augmentation of each stage's test evaluation and of --mode=evaluate. flip: "
+                  "average the logits of each image and its mirror image (metrics.json and report.json "
+                  "then say tta: flip, and keep the single-view numbers beside).")
+flags.DEFINE_boolean("export_tta", _DEFAULTS.export_tta,
+                     "Put --tta's views into every exported format, so that serving averages them too "
+                     "(twice the inference cost). Needs --tta=flip.")
 flags.DEFINE_integer("parity_examples", None,
                      "Test examples each exported format is run on to check it against the Keras model "
                      "(default: the whole test split).")

@@ -93,7 +93,7 @@ class Plan:
         """Set the last stage's steps once more when it starts, from the time actually left: earlier
         stages may have run long or short of their plan (the first epoch also fills the input cache,
         and early stopping may end a stage early). Done once; a resumed run keeps the result."""
-        if self.last_stage_fixed or len(self.stages) < 2:
+        if self.last_stage_fixed:
             return self
         rates = Rates.from_dict(self.rates)
         last = self.stages[-1]["name"]

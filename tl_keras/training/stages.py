@@ -75,7 +75,7 @@ def train_and_export(config: Config, strategy, data: datasets.Data,
             state.stage_name = stage.name
             peak = _peak_rate(stage, model, config, strategy, data, state, metrics)  # Before the steps are
             # set again below, so that an 'auto' range test's time counts against the budget.
-            if plan and stage is stages[-1] and len(stages) > 1 and not plan.last_stage_fixed:
+            if plan and stage is stages[-1] and not plan.last_stage_fixed:
                 plan, lengths = _fix_last_stage(plan, config, data, stages, state, clock)
             stage_data = datasets.stage_data(model, config, strategy, data, cache, stage.fine_tunes, signals)
             metrics.setdefault("stages", {})[stage.name] = train_stage(
