@@ -20,6 +20,7 @@ from tl_keras.training import budget
 from tl_keras.training import checkpointing
 from tl_keras.training import datasets
 from tl_keras.training import distribute
+from tl_keras.training import ema
 from tl_keras.training import exporting
 from tl_keras.training import guards
 from tl_keras.training import lr_finder
@@ -88,28 +89,35 @@ def train_and_export(config: Config, strategy, data: datasets.Data,
     finally:
         board.close()  # Each epoch flushes, so a crash loses at most the current epoch's points.
     if state.status == "export":
-        if config.min_accuracy is not None:
-            final = list(metrics.get("stages", {}).values())
-            exporting.check_min_accuracy(config, final[-1] if final else None, model, data.test,
-                                         data.eval_steps)
-        if not state.export_dir:
-            state.export_dir = export_lib.next_version_dir(os.path.join(config.model_dir, run_dir.EXPORT_DIR))
-            checkpointing.save_state(config.model_dir, state)
-        checkpointing.save_weights(
-            model, os.path.join(checkpointing.checkpoint_dir(config.model_dir), checkpointing.LATEST))
-        exported = exporting.calibrate_and_export(model, config, data.splits, state.export_dir,
-                                                  summary_step=max(0, state.epoch - 1))
-        metrics.update(exported)
-        run_dir.update_metrics(config.model_dir, exported)
-        if plan:
-            metrics["budget"] = _budget_report(plan, metrics, clock())
-            run_dir.update_metrics(config.model_dir, {"budget": metrics["budget"]})
-            logging.info("Budget %s: used %s.", budget.minutes(plan.budget_seconds),
-                         budget.minutes(metrics["budget"]["actual_seconds"]))
-        state.status = "done"
-        state.elapsed_seconds = round(clock(), 2)
-        checkpointing.save_state(config.model_dir, state)
+        _export(model, config, data, state, metrics, plan, clock)
     return metrics
+
+
+def _export(model: keras.Model, config: Config, data: datasets.Data, state: checkpointing.RunState,
+            metrics: dict, plan: budget.Plan | None, clock):
+    """The accuracy gate, then calibration, every format and their parity checks; a resume that
+    finds the export done keeps it. Updates `metrics` and metrics.json, and marks the run done."""
+    if config.min_accuracy is not None:
+        final = list(metrics.get("stages", {}).values())
+        exporting.check_min_accuracy(config, final[-1] if final else None, model, data.test,
+                                     data.eval_steps)
+    if not state.export_dir:
+        state.export_dir = export_lib.next_version_dir(os.path.join(config.model_dir, run_dir.EXPORT_DIR))
+        checkpointing.save_state(config.model_dir, state)
+    checkpointing.save_weights(
+        model, os.path.join(checkpointing.checkpoint_dir(config.model_dir), checkpointing.LATEST))
+    exported = exporting.calibrate_and_export(model, config, data.splits, state.export_dir,
+                                              summary_step=max(0, state.epoch - 1))
+    metrics.update(exported)
+    run_dir.update_metrics(config.model_dir, exported)
+    if plan:
+        metrics["budget"] = _budget_report(plan, metrics, clock())
+        run_dir.update_metrics(config.model_dir, {"budget": metrics["budget"]})
+        logging.info("Budget %s: used %s.", budget.minutes(plan.budget_seconds),
+                     budget.minutes(metrics["budget"]["actual_seconds"]))
+    state.status = "done"
+    state.elapsed_seconds = round(clock(), 2)
+    checkpointing.save_state(config.model_dir, state)
 
 
 def build(config: Config, num_classes: int, strategy, weights: str) -> keras.Model:
@@ -307,9 +315,14 @@ def run_lr_find(config: Config, strategy, data: datasets.Data) -> dict:
 def train_stage(model: keras.Model, stage_data: datasets.StageData, stage: Stage, stages: list[Stage],
                 config: Config, strategy, train_steps: int, state: checkpointing.RunState, peak: float,
                 board: summaries.RunSummaries | None = None, signals: guards.Signals | None = None,
-                lengths: dict | None = None, clock=None) -> dict:
+                lengths: dict | None = None, clock=None, test_images=None) -> dict:
     """Train one stage: set its trainable layers, recompile with a fresh optimizer at its learning rate
-    or schedule, fit from wherever the state says, and return its test metrics."""
+    or schedule, fit from wherever the state says, and return its test metrics.
+
+    With --ema_decay the stage ends with its averaged weights in `model`, saved with the state, so that
+    the next stage (or a resume) starts from them. With --tta, a stage that trained on cached
+    activations is tested by the classifier on `test_images` (the image test batches): a mirrored
+    activation is not the activation of a mirrored image."""
     start = time.time()
     lengths = lengths or stage_lengths(stages, train_steps, None)
     first = sum(lengths[s.name].epochs for s in stages[:stage.index])
@@ -332,6 +345,8 @@ def train_stage(model: keras.Model, stage_data: datasets.StageData, stage: Stage
     logging.info("%s: %d trainable weights, %d epochs%s, training %s.", stage.label.capitalize(),
                  len(model.trainable_weights), length.epochs,
                  f" from {stage.trains_from}" if stage.fine_tunes else "", stage_data.model.name)
+    if config.ema_decay:
+        ema.warn_if_short(config.ema_decay, steps[stage.name], stage.label.capitalize())
     state.epoch = max(state.epoch, first)
     summary = board and (lambda offset: board.stage_callback(stage.index, stage.name, model, first, rate,
                                                              offset))
@@ -340,18 +355,25 @@ def train_stage(model: keras.Model, stage_data: datasets.StageData, stage: Stage
     stopper = None
     stage_best = os.path.join(checkpointing.checkpoint_dir(config.model_dir), checkpointing.STAGE_BEST)
     if config.early_stopping_patience and stage_data.validation is not None:
-        stopper = guards.StopWhenNotImproving(state, config.early_stopping_patience,
-                                              lambda: checkpointing.save_weights(model, stage_best))
+        def save_best():
+            with ema.averaged(stage_data.model.optimizer):  # What validation measured.
+                checkpointing.save_weights(model, stage_best)
+
+        stopper = guards.StopWhenNotImproving(state, config.early_stopping_patience, save_best)
     end = budget.Length(first + length.epochs, length.last_epoch_steps)
     _fit(model, stage_data, config, train_steps, state, end, summary, divergence, stopper, signals, clock)
     ran = int(stage_data.model.optimizer.iterations.numpy())  # Run, not planned: a fresh optimizer per
     # stage counts this stage's steps, resumed ones included (the count is restored).
+    averaged = config.ema_decay and ema.use_average(stage_data.model.optimizer)  # As the last fit() ended;
+    # a resumed stage whose epochs had all run has no fit() to do it.
     if stopper and os.path.exists(stage_best):
         model.load_weights(stage_best)  # It holds that epoch's optimizer too: read `ran` before.
         logging.info("%s: back to its best weights (validation accuracy %.4f).", stage.label.capitalize(),
                      state.stage_best_value)
+    if averaged:  # The state's weights are the raw ones of the last epoch; the next stage starts here.
+        checkpointing.save_state(config.model_dir, state, model, stage_data.model)
     return _stage_metrics(stage_data, config, start, stage, end.epochs - 1, board, steps[stage.name], ran,
-                          state.stage_stopped)
+                          state.stage_stopped, model, test_images)
 
 
 def _fit(model, stage_data: datasets.StageData, config: Config, train_steps: int, state, end: budget.Length,
@@ -376,33 +398,51 @@ def _fit(model, stage_data: datasets.StageData, config: Config, train_steps: int
     def steps_in(epoch: int) -> int:
         return end.last_epoch_steps if epoch == end.epochs - 1 else train_steps
 
+    averaging = ema.enabled(stage_data.model.optimizer)
     while state.epoch < end.epochs and not state.stage_stopped:
         first, skip = state.epoch, state.step
         steps = steps_in(first)
         short_last = end.last_epoch_steps != train_steps
         last = first + 1 if skip or steps != train_steps else end.epochs - (1 if short_last else 0)
-        callbacks = [divergence(skip)] if divergence else []
+        training_weights = ema.TrainingWeights() if averaging else None
+        callbacks = [ema.SwapForEvaluation()] if averaging else []
+        callbacks += [divergence(skip)] if divergence else []
         callbacks += [summary(skip)] if summary else []
         callbacks += [stopper] if stopper else []
         callbacks.append(checkpointing.TrainingCheckpoint(model, config.model_dir, state, steps,
                                                           config.save_every_steps, step_offset=skip,
                                                           clock=clock))
         callbacks.append(guards.StopOnSignal(signals, save_mid_epoch, steps, step_offset=skip))
+        callbacks += [training_weights] if training_weights else []
         with signals.defer():
             stage_data.model.fit(stage_data.train(first, skip), initial_epoch=first, epochs=last,
                                  steps_per_epoch=steps - skip, validation_data=stage_data.validation,
                                  validation_steps=config.eval_steps, callbacks=callbacks, shuffle=False,
                                  verbose=2, class_weight=stage_data.class_weight)
+        if training_weights and state.epoch < end.epochs and not state.stage_stopped:
+            training_weights.restore()  # fit() ended with the averages; this stage trains on.
     if state.stage_stopped:
         state.epoch, state.step = end.epochs, 0  # Later stages keep their place on the epoch axis.
 
 
 def _stage_metrics(stage_data: datasets.StageData, config: Config, start: float, stage: Stage,
                    last_epoch: int, board: summaries.RunSummaries | None, steps: int, ran: int,
-                   stopped: bool) -> dict:
-    """The stage's test metrics, from the one evaluation path; the same pass feeds TensorBoard."""
-    result = evaluation.evaluate(stage_data.model, stage_data.test, config.eval_steps, config.label_smoothing)
-    metrics = evaluation.prefixed(result.metrics, "test")
+                   stopped: bool, classifier_model: keras.Model | None = None, test_images=None) -> dict:
+    """The stage's test metrics, from the one evaluation path; the same pass feeds TensorBoard.
+
+    With --tta the metrics are those of the averaged views, marked as such, with the single view's
+    beside them (evaluation.split_metrics). TTA needs images: a stage on cached activations is tested
+    by the classifier on `test_images`, or without TTA (said in the log and the metrics) if none."""
+    model, test, tta = stage_data.model, stage_data.test, evaluation.tta_of(config.tta)
+    if tta and model is not classifier_model:
+        if classifier_model is not None and test_images is not None:
+            model, test = classifier_model, test_images
+        else:
+            logging.warning("%s trained on cached activations and has no test images to mirror: its test "
+                            "metrics are of single views, not --tta=%s.", stage.label.capitalize(), tta)
+            tta = None
+    result = evaluation.evaluate(model, test, config.eval_steps, config.label_smoothing, tta)
+    metrics = evaluation.split_metrics(result, "test")
     if board:
         board.write_stage_end(stage.index, stage.name, last_epoch, result, metrics)
     metrics["index"] = stage.index
@@ -413,8 +453,10 @@ def _stage_metrics(stage_data: datasets.StageData, config: Config, start: float,
     elif metrics["steps"] != steps:
         logging.warning("%s ran %d steps where %d were planned.", stage.label.capitalize(), metrics["steps"],
                         steps)
-    logging.info("%s test accuracy %.4f (top-5 %.4f) after %.0f s.", stage.label.capitalize(),
-                 metrics["test_accuracy"], metrics["test_top5_accuracy"], metrics["wall_seconds"])
+    views = f", averaged over {result.tta} views (single view {metrics['single_view_test_accuracy']:.4f})" \
+        if result.tta else ""
+    logging.info("%s test accuracy %.4f (top-5 %.4f%s) after %.0f s.", stage.label.capitalize(),
+                 metrics["test_accuracy"], metrics["test_top5_accuracy"], views, metrics["wall_seconds"])
     return metrics
 
 
