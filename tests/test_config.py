@@ -130,7 +130,9 @@ ADDED_SINCE = {"max_image_pixels": config_lib.RUNTIME, "time_budget": config_lib
                "randaugment_ops": config_lib.EXPERIMENT, "randaugment_magnitude": config_lib.EXPERIMENT,
                "erasing_probability": config_lib.EXPERIMENT, "mixup_alpha": config_lib.EXPERIMENT,
                "cutmix_alpha": config_lib.EXPERIMENT, "ema_decay": config_lib.EXPERIMENT,
-               "tta": config_lib.RUNTIME, "export_tta": config_lib.RUNTIME}
+               "tta": config_lib.RUNTIME, "export_tta": config_lib.RUNTIME,
+               # Issue 17: how fine-tuning treats BatchNormalization changes what trains, not the weights.
+               "backbone_bn": config_lib.EXPERIMENT}
 
 
 def test_lifetimes_accept_what_the_old_name_sets_accepted():

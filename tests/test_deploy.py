@@ -154,6 +154,38 @@ def test_int8_tflite_is_quantized_and_takes_raw_uint8_pixels(exported):
         assert os.path.getsize(path) < float_size
 
 
+def test_int8_tflite_agrees_with_a_dead_channel_before_the_head_batchnorm(trained_model, tmp_path):
+    """Regression: int8 VGG16 on CIFAR-10 gave one class for every image (agreement 11%). A backbone
+    channel that its ReLU never opens leaves the head BatchNormalization a moving variance of ~0, so a
+    scale of ~1/sqrt(epsilon) = 32 against ~0.02 for the live channels of VGG-sized activations; folded
+    into the next Dense, that row set the int8 weight range and the live weights rounded to 0.
+
+    Here the trained tiny model gets both, without changing what it computes: its last convolution's
+    live channels x100 (ReLU and pooling commute with it; the moving statistics follow), and its
+    weakest channel dead, as training leaves one (moving mean and variance 0)."""
+    _needs("tflite_int8")
+    model = deploy.float32_copy(trained_model)
+    conv = model.get_layer("backbone").get_layer("block3_conv1")
+    batchnorm = model.get_layer("head_batchnorm")
+    pictures, _ = make_examples(48, seed=7)
+    features = keras.Model(model.inputs, model.get_layer(classifier.HEAD_INPUT).output)
+    dead = np.argmin(features.predict(backbones.get_preprocessing("tiny", 32)(pictures), verbose=0).max(0))
+    kernel, bias = conv.get_weights()
+    gamma, beta, mean, variance = batchnorm.get_weights()
+    conv.set_weights([np.where(np.arange(len(bias)) == dead, 0.0, 100 * kernel),
+                      np.where(np.arange(len(bias)) == dead, -1.0, 100 * bias)])
+    batchnorm.set_weights([gamma, beta, np.where(np.arange(len(bias)) == dead, 0.0, 100 * mean),
+                           np.where(np.arange(len(bias)) == dead, 0.0, 1e4 * variance)])
+    deploy_model = deploy.build_deploy_model(model, backbones.get_preprocessing("tiny", 32), 32)
+    deploy.write_format("tflite_int8", deploy_model, str(tmp_path), list(pictures[:32]))
+    np.testing.assert_array_equal(batchnorm.gamma.numpy(), gamma)  # The export leaves the weights alone.
+
+    expected = deploy_model.predict(pictures[32:], verbose=0)["probabilities"]
+    served = _run_format("tflite_int8", str(tmp_path), pictures[32:])["probabilities"]
+    assert np.mean(served.argmax(1) == expected.argmax(1)) >= INT8_MIN_AGREEMENT
+    np.testing.assert_allclose(served, expected, atol=TOLERANCE["tflite_int8"])
+
+
 def test_export_writes_parity_metadata_and_calibrated_report(exported):
     config, metrics, _, splits = exported
     export_path = metrics["export_path"]

@@ -32,9 +32,19 @@ def test_vgg16_builds_headless_and_cuts_at_block4():
     np.testing.assert_allclose(upper(prefix(x)), model(x), atol=1e-5)
 
 
-def test_resnet_cannot_be_cut():
-    model = classifier.build_classifier("resnet50", 32, 3, "none")
-    assert classifier.split_at(model, "conv5_block1_1_conv") is None
+def test_resnet_is_cut_between_residual_blocks_only():
+    """A cut inside a residual block would lose its skip connection: the highest one below the unfreeze
+    point is the output of the block before it."""
+    model = classifier.build_classifier("resnet50", 32, 3, "none", head_units=(8,))
+    for fine_tune_at, boundary in [("conv5_block1_1_conv", "conv4_block6_out"), ("top:1", "conv4_block6_out"),
+                                   ("conv5_block2_2_conv", "conv5_block1_out")]:
+        prefix, found = classifier.split_at(model, fine_tune_at)
+        assert found == boundary, fine_tune_at
+    upper = classifier.build_model_from(model, boundary)
+    x = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype("float32") * 50
+    np.testing.assert_allclose(upper(prefix(x)), model(x), atol=1e-5)
+    split = classifier.find_split(model, "all")
+    assert split.prefix is None and "none to cache" in split.reason
 
 
 def test_unfreeze_from_layer():

@@ -139,7 +139,7 @@ def test_resume_after_sigkill_matches_uninterrupted(point, tmp_path, tiny_tfds_d
     assert result.returncode == 0, result.stderr[-3000:]
     state = _state(model_dir)
     assert state["status"] == "done" and state["epoch"] == EPOCHS
-    if point != "head":
+    if point in ("boundary", "stage2", "last_stage", "export"):  # save_state may land in the head stage.
         assert "Stage 0 (head):" not in result.stderr, "the head stage ran again after it had finished"
     metrics = json.loads((model_dir / "metrics.json").read_text())
     assert sorted(metrics["stages"], key=lambda name: metrics["stages"][name]["index"]) == STAGES

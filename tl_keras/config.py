@@ -103,6 +103,7 @@ class Config:
     # Model.
     backbone: str = setting("vgg16", group=MODEL, lifetime=ARCHITECTURE)
     weights: str = setting("imagenet", group=MODEL, lifetime=EXPERIMENT)
+    backbone_bn: str = setting(registry.BN_FROZEN, group=MODEL, lifetime=EXPERIMENT)
     head_units: tuple[int, ...] = setting((256,), group=MODEL, lifetime=ARCHITECTURE)
     head_batchnorm: bool = setting(True, group=MODEL, lifetime=ARCHITECTURE)
     dropout: float = setting(0.3, group=MODEL, lifetime=EXPERIMENT)
@@ -205,11 +206,11 @@ class Config:
                 f"--distribution_strategy must be one of {', '.join(STRATEGIES)}",
                 distribution_strategy=self.distribution_strategy,
             )
-        if self.backbone not in registry.BACKBONES:
-            _fail(
-                f"--backbone must be one of {', '.join(sorted(registry.BACKBONES))}",
-                backbone=self.backbone,
-            )
+        if (problem := registry.check_backbone(self.backbone)) is not None:
+            _fail(problem, backbone=self.backbone)
+        if self.backbone_bn not in registry.BACKBONE_BN:
+            _fail(f"--backbone_bn must be one of {', '.join(registry.BACKBONE_BN)}",
+                  backbone_bn=self.backbone_bn)
         min_size = registry.BACKBONES[self.backbone].min_image_size
         if self.image_size < min_size:
             _fail(
@@ -309,7 +310,8 @@ class Config:
         if self.save_every_steps is not None and self.save_every_steps < 1:
             _fail("--save_every_steps must be positive when set", save_every_steps=self.save_every_steps)
         if not self.fine_tune_at:
-            _fail("--fine_tune_at must be a backbone layer name or 'all'", fine_tune_at=self.fine_tune_at)
+            _fail("--fine_tune_at must be all, top:N, a stage or a backbone layer name",
+                  fine_tune_at=self.fine_tune_at)
         if self.min_accuracy is not None and not 0.0 <= self.min_accuracy <= 1.0:
             _fail("--min_accuracy must be in [0, 1]", min_accuracy=self.min_accuracy)
         unknown = [name for name in self.export_formats if name not in EXPORT_FORMATS]
@@ -368,10 +370,11 @@ def parse_augment(text: str) -> frozenset[str]:
     names = [name.strip() for name in text.split(",")] if text else []
     if names == ["none"]:
         return frozenset()
-    unknown = [name for name in names if name not in AUGMENTATIONS[1:]]
+    if "none" in names:
+        raise ValueError("none stands alone")
+    unknown = [name for name in names if name not in AUGMENTATIONS]
     if unknown or not names:
-        raise ValueError(f"{unknown[0] if unknown else text!r} is not one of them"
-                         + ("; none stands alone" if "none" in unknown else ""))
+        raise ValueError(f"{unknown[0] if unknown else text!r} is not one of them")
     if len(set(names)) != len(names):
         raise ValueError("a name appears twice")
     if {"flip", "flip_translate"} <= set(names):

@@ -82,10 +82,17 @@ flags.DEFINE_float("cutmix_alpha", _DEFAULTS.cutmix_alpha,
 flags.DEFINE_integer("seed", _DEFAULTS.seed, "Seed for the validation hold-out, shuffling and augmentation.")
 
 # Model.
-flags.DEFINE_enum("backbone", _DEFAULTS.backbone, sorted(registry.BACKBONES),
-                  "keras.applications backbone ('tiny' is for tests only).")
+flags.DEFINE_string("backbone", _DEFAULTS.backbone,
+                    "Any keras.applications image model by its snake_case name (resnet50, efficientnet_v2_s, "
+                    "convnext_tiny, ...). --backbone=list prints them all with their parameters and input "
+                    "sizes, and exits. 'tiny' is for tests only.")
 flags.DEFINE_string("weights", _DEFAULTS.weights,
                     "Backbone weights: imagenet (downloads), none, or a path to a .h5 weights file.")
+flags.DEFINE_enum("backbone_bn", _DEFAULTS.backbone_bn, registry.BACKBONE_BN,
+                  "frozen: the backbone always runs in inference mode and its BatchNormalization layers "
+                  "never train, as the Keras transfer-learning guide prescribes. train: while fine-tuning, "
+                  "unfrozen BatchNormalization layers normalise with batch statistics and update their "
+                  "moving statistics (and the backbone's own dropout, such as EfficientNet's, is active).")
 flags.DEFINE_list("head_units", list(map(str, _DEFAULTS.head_units)),
                   "Hidden Dense layer sizes of the head, e.g. 512,256. Empty for a linear head.")
 flags.DEFINE_boolean("head_batchnorm", _DEFAULTS.head_batchnorm,
@@ -114,7 +121,9 @@ flags.DEFINE_string("finetune_learning_rate", str(_DEFAULTS.finetune_learning_ra
 flags.DEFINE_float("finetune_warmup_epochs", _DEFAULTS.finetune_warmup_epochs,
                    "Linear warmup length of fine-tuning, in epochs.")
 flags.DEFINE_string("fine_tune_at", _DEFAULTS.fine_tune_at,
-                    "First backbone layer to unfreeze (e.g. block5_conv1), or 'all'.")
+                    "Where fine-tuning unfreezes the backbone from: all; top:N, the last N stages (blocks) "
+                    "of any backbone (top:1 is conv5 of a ResNet, stage3 of a ConvNeXt); a stage's name; or "
+                    "the first weighted layer to unfreeze (e.g. block5_conv1). A bad value lists the stages.")
 flags.DEFINE_string("unfreeze_schedule", None,
                     "Gradual unfreezing: LAYER=EPOCHS,... such as block5_conv1=1,block4_conv1=1,all=2 (one "
                     "epoch from block 5, one from block 4, two with every layer trainable). Each item is a "
@@ -224,6 +233,9 @@ def parse(argv):
         sys.exit(f"tl_keras: error: {e}")
     if len(remaining) > 1:  # Everything is a flag: a stray word is a typo, not an input.
         sys.exit(f"tl_keras: error: unexpected arguments: {' '.join(remaining[1:])}")
+    if FLAGS.backbone == registry.LIST:  # From the registry's data: no model, no --model_dir.
+        sys.stdout.write(registry.describe())
+        sys.exit(0)
     return remaining
 
 

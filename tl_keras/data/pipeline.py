@@ -2,11 +2,13 @@
 
 import dataclasses
 import math
+from typing import Callable
 
 from absl import logging
 import numpy as np
 import tensorflow as tf
 
+from tl_keras.data import augment as augment_lib
 from tl_keras.errors import UserError
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -96,6 +98,25 @@ def balanced_class_weights(counts) -> dict:
     return {c: float(total / (k * n)) if n else 1.0 for c, n in enumerate(counts)}
 
 
+@dataclasses.dataclass(frozen=True)
+class Preprocessing:
+    """The backbone's preprocessing in its two parts: `resize` (uint8 images of any size -> float32
+    0-255 RGB at the model's size) and `normalize` (the backbone's preprocess_input). Called, it is
+    both, exactly as backbones.get_preprocessing; the training pipeline caches resized pixels and
+    normalizes after augmenting, since RandAugment and RandomErasing work on 0-255 RGB."""
+
+    resize: Callable
+    normalize: Callable
+
+    def __call__(self, images):
+        return self.normalize(self.resize(images))
+
+    @classmethod
+    def of(cls, preprocess_input, image_size: int) -> "Preprocessing":
+        """Bilinear resize to image_size x image_size, then `preprocess_input`."""
+        return cls(lambda images: tf.image.resize(images, (image_size, image_size)), preprocess_input)
+
+
 def preprocess_and_cache(examples: tf.data.Dataset, preprocess) -> tf.data.Dataset:
     """Apply the deterministic part of preprocessing once and cache it in memory, up to a bound.
 
@@ -157,31 +178,73 @@ def build_train_dataset(
     preprocess,
     batch_size: int,
     num_classes: int,
-    augment: str,
+    augment: "str | augment_lib.Augmentation",
     seed: int,
     start_epoch: int = 0,
     skip_steps: int = 0,
     steps_per_epoch: int | None = None,
+    class_weights=None,
 ) -> tf.data.Dataset:
     """Endless training batches: preprocess, cache, then per epoch shuffle, augment and batch.
 
     Each epoch's order and augmentation depend only on (seed, epoch, example), so a run resumed at
-    (start_epoch, skip_steps) sees exactly the batches an uninterrupted run would have seen.
+    (start_epoch, skip_steps) sees exactly the batches an uninterrupted run would have seen; mixup
+    and cutmix draw per batch from (seed, epoch, step), the batch itself being fixed by (seed, epoch).
     Batching inside the epoch keeps epochs aligned with steps_per_epoch = ceil(n / batch_size); a
     smaller steps_per_epoch cuts every epoch short, so epochs stay aligned with fit()'s.
+
+    `augment` is --augment's text (default strengths) or an augment.Augmentation. With a Preprocessing,
+    the cache holds resized 0-255 pixels, every augmentation runs on them, and normalizing comes last:
+    flips and shifts only move pixels, so the batches are the same as when they follow normalizing.
+    A plain `preprocess` function cannot serve RandAugment or erasing, which need pixels.
+
+    `class_weights` (a list by class id) make each batch carry sample weights, and fit() then gets no
+    class_weight: for mixed labels this is exactly the class-weighted mixing loss, where Keras's
+    class_weight would weigh a mixed example by its largest share's class (augment.weigh_soft_labels).
     """
-    cached = preprocess_and_cache(examples, preprocess).enumerate()
+    augmentation = augment_lib.Augmentation.parse(augment) if isinstance(augment, str) else augment
+    if isinstance(preprocess, Preprocessing):
+        before_cache, normalize = preprocess.resize, preprocess.normalize
+    elif augmentation.needs_pixels:
+        raise ValueError("RandAugment and erasing work on 0-255 pixels: pass a pipeline.Preprocessing, "
+                         f"not a function. Received: augment={','.join(sorted(augmentation.names))}")
+    else:
+        before_cache, normalize = preprocess, None
+    cached = preprocess_and_cache(examples, before_cache).enumerate()
+    per_image = augment_lib.build_image_augmenter(augmentation)
+    mix = augment_lib.build_batch_mixer(augmentation)
+    flips = sorted({"flip", "flip_translate"} & augmentation.names)
+
+    def augment_example(index, image, epoch):
+        example_seed = tf.stack([epoch_seed(seed, epoch), index])
+        if flips:
+            image = augment_image(image, example_seed, flips[0])
+        if per_image:
+            image = per_image(image, example_seed)
+        return image
 
     def epoch_batches(epoch):
         ds = cached.shuffle(SHUFFLE_BUFFER, seed=epoch_seed(seed, epoch))
-        if augment != "none":
-            ds = ds.map(lambda index, example: (index, (augment_image(
-                example[0], tf.stack([epoch_seed(seed, epoch), index]), augment), example[1])),
+        if flips or per_image:
+            ds = ds.map(lambda index, example: (
+                index, (augment_example(index, example[0], epoch), example[1])), num_parallel_calls=AUTOTUNE)
+        ds = ds.map(lambda _, example: example).batch(batch_size).take(steps_per_epoch or -1)
+        if mix:  # Steps count from the epoch's first, before a resume skips any.
+            ds = ds.enumerate().map(
+                lambda step, batch: mix(batch[0], tf.one_hot(tf.cast(batch[1], tf.int32), num_classes),
+                                        tf.stack([epoch_seed(seed, epoch), step])),
                 num_parallel_calls=AUTOTUNE)
-        return ds.map(lambda _, example: example).batch(batch_size).take(steps_per_epoch or -1)
+        return ds
 
     ds = tf.data.Dataset.range(start_epoch, 2**62).flat_map(epoch_batches).skip(skip_steps)
-    return ds.map(one_hot_batch(num_classes), num_parallel_calls=AUTOTUNE).prefetch(AUTOTUNE)
+    if not mix:
+        ds = ds.map(one_hot_batch(num_classes), num_parallel_calls=AUTOTUNE)
+    if normalize is not None:
+        ds = ds.map(lambda images, labels: (normalize(images), labels), num_parallel_calls=AUTOTUNE)
+    if class_weights is not None:
+        ds = ds.map(lambda images, labels: (images, *augment_lib.weigh_soft_labels(labels, class_weights)),
+                    num_parallel_calls=AUTOTUNE)
+    return ds.prefetch(AUTOTUNE)
 
 
 def epoch_seed(seed, epoch):

@@ -51,9 +51,48 @@ def get_inverse_preprocessing(backbone: str):
     return unpreprocess
 
 
+@keras.saving.register_keras_serializable(package="tl_keras")
+class Backbone(keras.Model):
+    """A headless model whose mode while training is decided here, not by fit()'s training flag.
+
+    Why: in Keras 3.15 a functional model passes the outer call's training flag down to every nested
+    call (functional.operation_fn), overriding a `backbone(x, training=False)` given when the classifier
+    was built. So `training=False` alone would leave the backbone's dropout (EfficientNet's stochastic
+    depth) active in fit(), and any trainable BatchNormalization on batch statistics.
+
+    batchnorm=frozen (the default): always inference mode. batchnorm=train: while the backbone is
+    trainable (a fine-tuning stage), it follows fit(): its unfrozen BatchNormalization layers use and
+    update batch statistics, frozen ones keep their moving statistics (Keras runs a non-trainable
+    BatchNormalization in inference mode), and its dropout is active. A frozen backbone (the head
+    stage) runs in inference mode either way.
+    """
+
+    def __init__(self, *args, batchnorm: str = registry.BN_FROZEN, **kwargs):
+        super().__init__(*args, **kwargs)
+        if batchnorm not in registry.BACKBONE_BN:
+            raise ValueError(f"batchnorm must be one of {', '.join(registry.BACKBONE_BN)}. "
+                             f"Received: batchnorm={batchnorm}")
+        self.batchnorm = batchnorm
+
+    def call(self, inputs, training=None, mask=None):
+        follows_fit = self.batchnorm == registry.BN_TRAIN and self.trainable
+        return super().call(inputs, training=training if follows_fit else False, mask=mask)
+
+    def get_config(self):
+        return dict(super().get_config(), batchnorm=self.batchnorm)
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        batchnorm = config.pop("batchnorm", registry.BN_FROZEN)
+        model = super().from_config(config, custom_objects)
+        model.batchnorm = batchnorm
+        return model
+
+
 def build_backbone(name: str, image_size: int, weights: str = "imagenet",
-                   matmul_small_convs: bool = False) -> keras.Model:
-    """Build a headless backbone named 'backbone', with weights 'imagenet', 'none' or a .h5 path.
+                   matmul_small_convs: bool = False, batchnorm: str = registry.BN_FROZEN) -> Backbone:
+    """Build a headless Backbone named 'backbone', with weights 'imagenet', 'none' or a .h5 path.
 
     matmul_small_convs computes convolutions on maps of 4x4 or less as matmuls (see matmul_conv):
     the same outputs and weights; on CPU those layers train 1.5-3.3x faster at 32 px.
@@ -61,15 +100,16 @@ def build_backbone(name: str, image_size: int, weights: str = "imagenet",
     spec = registry.BACKBONES[name]
     input_shape = (image_size, image_size, 3)
     if spec.application is None:
-        backbone = _build_tiny_backbone(input_shape)
+        inputs, outputs = _tiny_graph(input_shape)
     else:
         application = getattr(keras.applications, spec.application)
         try:
-            backbone = application(
+            # Under its own name: EfficientNetV2 looks its configuration up by it, and ConvNeXt prefixes
+            # its layer names with it. Only the graph is kept, as the Backbone's.
+            built = application(
                 include_top=False,
                 weights="imagenet" if weights == "imagenet" else None,
                 input_shape=input_shape,
-                name="backbone",
             )
         except Exception as e:  # keras.utils.get_file raises a plain Exception when offline.
             if "fetch failure" not in str(e).lower():
@@ -78,6 +118,8 @@ def build_backbone(name: str, image_size: int, weights: str = "imagenet",
                 f"Could not download ImageNet weights for {name} ({first_line(e)}). To run offline, pass "
                 f"--weights=PATH to a local .h5 weights file, or --weights=none. Received: weights={weights}"
             ) from None
+        inputs, outputs = built.input, built.output
+    backbone = Backbone(inputs, outputs, name="backbone", batchnorm=batchnorm)
     if weights not in ("imagenet", "none"):
         try:
             backbone.load_weights(weights)
@@ -90,11 +132,11 @@ def build_backbone(name: str, image_size: int, weights: str = "imagenet",
     return backbone
 
 
-def _build_tiny_backbone(input_shape) -> keras.Model:
+def _tiny_graph(input_shape):
     """For tests only: three small conv blocks with VGG-style layer names, so fine_tune_at works."""
     inputs = keras.Input(input_shape)
     x = inputs
     for block, filters in enumerate((8, 16, 16), start=1):
         x = keras.layers.Conv2D(filters, 3, padding="same", activation="relu", name=f"block{block}_conv1")(x)
         x = keras.layers.MaxPooling2D(name=f"block{block}_pool")(x)
-    return keras.Model(inputs, x, name="backbone")
+    return inputs, x

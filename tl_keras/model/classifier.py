@@ -1,11 +1,16 @@
 """The classifier: a backbone, pooling and the head; which layers train in each phase; where the
 model can be cut for the feature cache."""
 
+import dataclasses
+import inspect
+
 from absl import logging
 import keras
 
 from tl_keras.errors import UserError
 from tl_keras.model import backbones
+from tl_keras.model import blocks
+from tl_keras.model import registry
 
 HEAD_INPUT = "gap"  # Everything after this layer is the head; its output is what phase 1 caches.
 LOGITS = "predictions"  # The final Dense layer: logits. Its name is what checkpoints store it under.
@@ -21,19 +26,23 @@ def build_classifier(
     head_batchnorm: bool = True,
     dropout: float = 0.3,
     matmul_small_convs: bool = False,
+    backbone_bn: str = registry.BN_FROZEN,
 ) -> keras.Model:
     """Frozen backbone, GAP, then the head: Dense logits named "predictions", then a Softmax, both
     float32 under mixed precision.
+
+    backbone_bn (registry.BACKBONE_BN) says whether fine-tuning trains the backbone's BatchNormalization
+    layers on batch statistics (backbones.Backbone); by default the backbone runs in inference mode.
 
     The softmax is a layer of its own so that exports can return the logits beside the probabilities
     and divide them by a temperature. It has no weights, and the Dense layer keeps its name, so
     checkpoints written when that layer applied the softmax itself load unchanged.
     """
-    backbone = backbones.build_backbone(backbone_name, image_size, weights, matmul_small_convs)
+    backbone = backbones.build_backbone(backbone_name, image_size, weights, matmul_small_convs, backbone_bn)
     backbone.trainable = False
     inputs = keras.Input((image_size, image_size, 3), name="image")
-    # training=False keeps BatchNormalization in inference mode even after unfreezing.
-    x = backbone(inputs, training=False)
+    # No training=False here: fit() would override it (Keras 3.15); the Backbone pins its own mode.
+    x = backbone(inputs)
     x = keras.layers.GlobalAveragePooling2D(name=HEAD_INPUT)(x)
     if head_batchnorm:
         x = keras.layers.BatchNormalization(name="head_batchnorm")(x)
@@ -58,47 +67,61 @@ def build_feature_extractor(model: keras.Model) -> keras.Model:
 
 def freeze_backbone(model: keras.Model):
     """Phase 1: only the head trains. Recompile afterwards."""
-    model.get_layer("backbone").trainable = False
+    model.get_layer(blocks.BACKBONE).trainable = False
 
 
 def unfreeze_backbone(model: keras.Model, fine_tune_at: str):
     """Phase 2: unfreeze backbone layers from `fine_tune_at` upward. Recompile afterwards.
 
     Setting trainable on a model sets it on every sublayer, so the backbone flag goes first and the
-    per-layer flags after it. BatchNormalization layers stay frozen: their statistics suit the weights.
+    per-layer flags after it. With --backbone_bn=frozen, BatchNormalization layers stay frozen: their
+    statistics suit the weights; with train, those above the unfreeze point train too.
     """
-    backbone = model.get_layer("backbone")
+    backbone = model.get_layer(blocks.BACKBONE)
     layers = [layer for layer in backbone.layers if layer.weights]
     start = unfreeze_start(model, fine_tune_at)
+    train_bn = getattr(backbone, "batchnorm", registry.BN_FROZEN) == registry.BN_TRAIN
     backbone.trainable = True
     for i, layer in enumerate(layers):
-        layer.trainable = i >= start and not isinstance(layer, keras.layers.BatchNormalization)
-    logging.info("Unfroze %d of %d weighted backbone layers from %s.",
-                 sum(layer.trainable for layer in layers), len(layers), layers[start].name)
+        layer.trainable = i >= start and (train_bn or not isinstance(layer, keras.layers.BatchNormalization))
+        if layer.trainable and not train_bn:
+            for sublayer in getattr(layer, "layers", ()):  # ConvNeXt's stem and downsampling layers.
+                if isinstance(sublayer, keras.layers.BatchNormalization):
+                    sublayer.trainable = False
+    logging.info("Unfroze %d of %d weighted backbone layers from %s (%s).",
+                 sum(layer.trainable for layer in layers), len(layers), layers[start].name, fine_tune_at)
 
 
 def unfreeze_start(model: keras.Model, fine_tune_at: str) -> int:
-    """Index among the backbone's weighted layers where phase 2 starts; a UserError if there is none,
-    raised before training so that a typo costs seconds, not a phase."""
-    names = [layer.name for layer in model.get_layer("backbone").layers if layer.weights]
-    if fine_tune_at == "all":
+    """Index among the backbone's weighted layers where phase 2 starts, for 'all', top:N (the last N
+    blocks of blocks.py), a block's name or a weighted layer's name (a layer wins over a block of the
+    same name; they start at the same layer anyway). A UserError naming the valid stages if there is
+    none, raised before training so that a typo costs seconds, not a phase."""
+    names = [layer.name for layer in model.get_layer(blocks.BACKBONE).layers if layer.weights]
+    if fine_tune_at == blocks.ALL:
         return 0
     if fine_tune_at in names:
         return names.index(fine_tune_at)
-    shown = ", ".join(names[:3] + ["..."] + names[-3:]) if len(names) > 8 else ", ".join(names)
-    raise UserError(f"--fine_tune_at must be 'all' or a weighted layer of the backbone ({shown}). "
+    points = blocks.unfreeze_points(model)
+    if fine_tune_at in points:
+        return names.index(points[fine_tune_at])
+    shown = ", ".join(names[:2] + ["..."] + names[-2:]) if len(names) > 6 else ", ".join(names)
+    raise UserError(f"--fine_tune_at must be all, top:N for the last N stages "
+                    f"({blocks.describe_points(model)}), a stage's name or a weighted layer of the backbone "
+                    f"({shown}). "
                     f"Received: fine_tune_at={fine_tune_at}")
 
 
 def build_extractor(model: keras.Model, boundaries: list, prefix: keras.Model | None = None):
-    """Images -> activations at each of `boundaries` (backbone layer names or HEAD_INPUT), one pass.
+    """Images -> activations at each of `boundaries` (a backbone boundary of find_split, or HEAD_INPUT),
+    in one pass.
 
-    `prefix` is split_at's model for the one backbone boundary, if any.
+    `prefix` is find_split's model for the one backbone boundary, if any.
     """
     inputs = keras.Input(model.input.shape[1:], name="image")
     outputs = {}
     if prefix is not None:
-        boundary = prefix.layers[-1].name
+        boundary = next(b for b in boundaries if b != HEAD_INPUT)
         outputs[boundary] = prefix(inputs)
         outputs[HEAD_INPUT] = build_model_from(model, boundary, stop_at=HEAD_INPUT)(outputs[boundary])
     else:
@@ -106,43 +129,82 @@ def build_extractor(model: keras.Model, boundaries: list, prefix: keras.Model | 
     return keras.Model(inputs, [outputs[b] for b in boundaries], name="extractor")
 
 
-def split_at(model: keras.Model, fine_tune_at: str):
-    """(prefix, boundary) for caching the frozen part below `fine_tune_at`, or None.
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """Where a fine-tuning stage's classifier can be cut into "frozen part, then the rest" at one tensor:
+    `prefix` maps preprocessed images to the output of the backbone operation `boundary`; `reason`
+    says why there is no cut when `prefix` is None."""
 
-    prefix maps preprocessed images to the input of `fine_tune_at`. Only a backbone that is a plain
-    chain of layers (VGG) can be cut there; with skip connections (ResNet) a cut would lose them.
-    """
-    backbone = model.get_layer("backbone")
-    layers = backbone.layers
-    names = [layer.name for layer in layers]
-    if fine_tune_at not in names or names.index(fine_tune_at) < 2:
-        return None
-    for previous, layer in zip(layers, layers[1:]):
-        if layer.input is not previous.output:
-            return None
-    boundary = layers[names.index(fine_tune_at) - 1]
+    prefix: keras.Model | None
+    boundary: str | None
+    reason: str = ""
+
+
+def find_split(model: keras.Model, fine_tune_at: str) -> Split:
+    """The highest cut below `fine_tune_at` at a single tensor (blocks.boundaries): VGG at any layer,
+    ResNet or ConvNeXt between residual blocks, Inception between its mixed blocks; none in NASNet,
+    whose cells each read the two cells before them. The frozen part below it runs once."""
+    backbone = model.get_layer(blocks.BACKBONE)
+    weighted = [layer for layer in backbone.layers if layer.weights]
+    start = weighted[unfreeze_start(model, fine_tune_at)]
+    operations = backbone.operations
+    first_trainable = next(i for i, op in enumerate(operations) if op is start)
+    first_weighted = next(i for i, op in enumerate(operations) if op is weighted[0])
+    if first_trainable <= first_weighted:
+        return Split(None, None, f"every weighted backbone layer trains from {start.name}: none to cache")
+    cuts = [i for i in blocks.boundaries(backbone) if first_weighted <= i < first_trainable]
+    if not cuts:
+        return Split(None, None, f"no single tensor separates the frozen layers below {start.name} from the "
+                                 "rest: skip connections or branches cross every point between them")
+    boundary = operations[cuts[-1]]
+    if getattr(backbone, "batchnorm", registry.BN_FROZEN) == registry.BN_TRAIN:
+        random = [op.name for op in operations[:cuts[-1] + 1] if _behaves_differently_in_training(op)]
+        if random:
+            return Split(None, None, f"with --backbone_bn=train the frozen layers below {start.name} run in "
+                                     f"training mode ({', '.join(random[:3])}...), which stored activations "
+                                     "cannot reproduce")
     prefix = keras.Model(backbone.input, boundary.output, name=f"prefix_to_{boundary.name}")
-    return prefix, boundary.name
+    return Split(prefix, boundary.name)
+
+
+def split_at(model: keras.Model, fine_tune_at: str):
+    """(prefix, boundary) of find_split, or None where the backbone cannot be cut below `fine_tune_at`."""
+    split = find_split(model, fine_tune_at)
+    return None if split.prefix is None else (split.prefix, split.boundary)
+
+
+def _behaves_differently_in_training(operation) -> bool:
+    """Dropout and the like (EfficientNet's stochastic depth); not BatchNormalization, which Keras runs
+    in inference mode while it is frozen."""
+    if isinstance(operation, keras.layers.BatchNormalization):
+        return False
+    if isinstance(operation, keras.Model):
+        return any(map(_behaves_differently_in_training, operation.operations))
+    call = getattr(operation, "call", None)
+    return call is not None and "training" in inspect.signature(call).parameters
 
 
 def build_model_from(model: keras.Model, boundary: str, stop_at: str | None = None) -> keras.Model:
-    """A model from the output of backbone layer `boundary` (or HEAD_INPUT) onward, sharing weights.
+    """A model from the output of backbone operation `boundary` (or HEAD_INPUT) onward, sharing weights.
 
-    With stop_at=HEAD_INPUT it ends at the pooled features, which turns cached boundary activations
-    into phase 1's features without rerunning the whole backbone.
+    Above a backbone boundary, the backbone's part above it is a Backbone of its own, in the same
+    --backbone_bn mode, so that it runs exactly as inside the classifier. With stop_at=HEAD_INPUT it ends
+    at the pooled features, which turns cached boundary activations into phase 1's features without
+    rerunning the whole backbone.
     """
-    backbone = model.get_layer("backbone")
     if boundary == HEAD_INPUT:
-        layers, shape = head_layers(model), model.get_layer(HEAD_INPUT).output.shape[1:]
-    else:
-        names = [layer.name for layer in backbone.layers]
-        layers = backbone.layers[names.index(boundary) + 1:] + [model.get_layer(HEAD_INPUT)]
-        if stop_at != HEAD_INPUT:
-            layers += head_layers(model)
-        shape = backbone.get_layer(boundary).output.shape[1:]
-    inputs = keras.Input(shape, name=f"{boundary}_activations")
-    x = inputs
-    for layer in layers:
-        # Backbone layers run in inference mode, exactly as inside the classifier.
-        x = layer(x, training=False) if layer in backbone.layers else layer(x)
+        inputs = keras.Input(model.get_layer(HEAD_INPUT).output.shape[1:], name=f"{boundary}_activations")
+        x = inputs
+        for layer in head_layers(model):
+            x = layer(x)
+        return keras.Model(inputs, x, name=f"from_{boundary}")
+    backbone = model.get_layer(blocks.BACKBONE)
+    operation = next(op for op in backbone.operations if op.name == boundary)
+    upper = backbones.Backbone(operation.output, backbone.output, name=f"{blocks.BACKBONE}_from_{boundary}",
+                               batchnorm=getattr(backbone, "batchnorm", registry.BN_FROZEN))
+    inputs = keras.Input(operation.output.shape[1:], name=f"{boundary}_activations")
+    x = model.get_layer(HEAD_INPUT)(upper(inputs))
+    if stop_at != HEAD_INPUT:
+        for layer in head_layers(model):
+            x = layer(x)
     return keras.Model(inputs, x, name=f"from_{boundary}")

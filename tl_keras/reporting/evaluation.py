@@ -34,24 +34,71 @@ class Evaluation:
     labels: np.ndarray  # [N] int.
     metrics: dict  # loss (as compiled), accuracy, top5_accuracy (top-min(5, C)).
     mistakes: np.ndarray  # Indices of every wrong prediction, worst first (see worst_mistakes).
+    tta: str | None = None  # The test-time augmentation the probabilities average over, if any.
+    single_view_metrics: dict | None = None  # With tta: the metrics of the images alone.
 
     @property
     def predictions(self) -> np.ndarray:
         return self.probabilities.argmax(axis=1)
 
 
+TTA_FLIP = "flip"
+
+
+def tta_of(mode: str | None) -> str | None:
+    """--tta's value as evaluate takes it: None for none."""
+    return None if mode in (None, "none") else mode
+
+
 def evaluate(model: keras.Model, dataset: tf.data.Dataset, steps: int | None = None,
-             label_smoothing: float = 0.0) -> Evaluation:
+             label_smoothing: float = 0.0, tta: str | None = None) -> Evaluation:
     """Predict (images, one_hot) batches once, with the model's compiled predict step, and derive the
     metrics from those predictions. `label_smoothing` must be the compiled loss's, so that the loss
-    equals what model.evaluate reports."""
+    equals what model.evaluate reports.
+
+    tta="flip" predicts each image and its mirror image and averages their logits (the normalised
+    geometric mean of their probabilities), as the export does with --export_tta, so that a
+    calibration temperature divides the averaged logits as it would one view's. The result's metrics
+    are then those of the average, and `single_view_metrics` those of the images alone, from the same
+    pass. The dataset's images must be images (preprocessed), not cached activations.
+    """
+    tta = tta_of(tta)
+    if tta not in (None, TTA_FLIP):
+        raise ValueError(f"tta must be none or {TTA_FLIP}. Received: tta={tta}")
     probabilities, labels = _predict(model, dataset, steps)
+    single_view = None
+    if tta:
+        mirrored, _ = _predict(model, dataset, steps, flip=True)
+        single_view = metrics_of(probabilities, labels, label_smoothing)
+        probabilities = average_views([probabilities, mirrored])
     return Evaluation(probabilities, labels, metrics_of(probabilities, labels, label_smoothing),
-                      worst_mistakes(probabilities, labels))
+                      worst_mistakes(probabilities, labels), tta, single_view)
 
 
-def _predict(model: keras.Model, dataset: tf.data.Dataset, steps: int | None):
-    probabilities = model.predict(dataset.map(lambda x, y: x), steps=steps, verbose=0)
+def average_views(probabilities) -> np.ndarray:
+    """Softmax of the mean logits of several views, from their probabilities: log p is the logits up
+    to a per-example constant, which softmax ignores. A probability that underflowed to 0 counts as
+    the smallest positive float32."""
+    logs = np.mean([np.log(np.maximum(np.asarray(p, np.float64), np.finfo(np.float32).smallest_subnormal))
+                    for p in probabilities], axis=0)
+    logs -= logs.max(axis=1, keepdims=True)
+    averaged = np.exp(logs)
+    return averaged / averaged.sum(axis=1, keepdims=True)
+
+
+def split_metrics(result: Evaluation, split: str) -> dict:
+    """A split's metrics as metrics.json keeps them: test_loss, test_accuracy, ... and, when they
+    average TTA views, "tta" naming the views and single_view_test_* beside them."""
+    metrics = prefixed(result.metrics, split)
+    if result.tta:
+        metrics["tta"] = result.tta
+        metrics.update(prefixed(result.single_view_metrics, f"single_view_{split}"))
+    return metrics
+
+
+def _predict(model: keras.Model, dataset: tf.data.Dataset, steps: int | None, flip: bool = False):
+    inputs = dataset.map(lambda x, y: tf.image.flip_left_right(x) if flip else x)
+    probabilities = model.predict(inputs, steps=steps, verbose=0)
     one_hot = dataset.map(lambda x, y: y)
     if steps:
         one_hot = one_hot.take(steps)
@@ -210,14 +257,19 @@ def build_report(result: Evaluation, class_names, split: str, calibration: dict 
     calibration (ECE and NLL) and the coverage-accuracy curve.
 
     `calibration` (see reporting/calibration.py) replaces the calibration section with one that has
-    the fitted temperature, the scores before and after it, and the confidence threshold.
+    the fitted temperature, the scores before and after it, and the confidence threshold. A result
+    of averaged TTA views adds "tta" (their name) and "single_view" (the images' own metrics).
     """
     labels, predictions, probabilities = result.labels, result.predictions, result.probabilities
     per_class = per_class_metrics(confusion_matrix(labels, predictions, len(class_names)), class_names)
+    views = {"tta": result.tta} if result.tta else {}
+    if result.single_view_metrics:
+        views["single_view"] = result.single_view_metrics
     return {
         "split": split,
         "num_examples": int(len(labels)),
         **result.metrics,
+        **views,
         "top_k": min(5, len(class_names)),
         "macro_avg": {metric: float(np.mean([c[metric] for c in per_class.values()]))
                       for metric in ("precision", "recall", "f1")},
@@ -260,9 +312,9 @@ def write_report(result: Evaluation, examples: tf.data.Dataset, class_names, out
                                              f"{split}: accuracy against confidence, temperature "
                                              f"{calibration['temperature']:.3g}")
         files.write_bytes(os.path.join(out_dir, RELIABILITY_PNG), images.encode_png(diagram))
-    logging.info("Evaluation of %s: accuracy %.4f, top-%d %.4f, loss %.4f on %d examples. Report in %s",
+    logging.info("Evaluation of %s: accuracy %.4f, top-%d %.4f, loss %.4f on %d examples%s. Report in %s",
                  split, report["accuracy"], report["top_k"], report["top5_accuracy"], report["loss"],
-                 report["num_examples"], out_dir)
+                 report["num_examples"], f", averaged over {result.tta} views" if result.tta else "", out_dir)
     return report
 
 

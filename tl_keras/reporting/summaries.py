@@ -33,6 +33,7 @@ from tensorboard.plugins.hparams import api as hp
 
 from tl_keras import config as config_lib
 from tl_keras import files
+from tl_keras.data import augment
 from tl_keras.data import pipeline
 from tl_keras.model import backbones
 from tl_keras.reporting import evaluation
@@ -91,22 +92,25 @@ class RunSummaries:
             hp.hparams(hparams, trial_id=os.path.abspath(self.config.model_dir))
             tf.summary.text("flags", flags_markdown(self.config))
         pictures, labels = self.augmented_examples()
-        captions = [[(self.splits.class_names[label], images.INK)] for label in labels]
+        captions = [label_caption(label, self.splits.class_names) for label in labels]
         with self.writers["train"].as_default(step=0):
             tf.summary.image("augmented_inputs", images.captioned_grid(pictures, captions)[None],
-                             description="Training inputs after augmentation, preprocessing undone.")
+                             description=f"Training inputs after augmentation ({self.config.augment}), "
+                                         "preprocessing undone; mixed labels show each class's share.")
         self.flush()
 
     def augmented_examples(self):
-        """A batch from the training pipeline's own code, on a few examples: what the model sees."""
+        """A batch from the training pipeline's own code, on a few examples: what the model sees.
+        Returns (uint8 pictures, labels [N, C]: one-hot, or soft for mixup and cutmix)."""
         config = self.config
-        preprocess = backbones.get_preprocessing(config.backbone, config.image_size)
+        preprocess = pipeline.Preprocessing.of(backbones.get_preprocess_input(config.backbone),
+                                               config.image_size)
         batch = pipeline.build_train_dataset(
             self.splits.train.take(GRID_EXAMPLES), preprocess, GRID_EXAMPLES,
-            self.splits.num_classes, config.augment, config.seed)
-        pictures, one_hot = next(iter(batch))
+            self.splits.num_classes, augment.Augmentation.from_config(config), config.seed)
+        pictures, labels = next(iter(batch))
         unpreprocess = backbones.get_inverse_preprocessing(config.backbone)
-        return unpreprocess(pictures.numpy()), np.argmax(one_hot.numpy(), axis=-1)
+        return unpreprocess(pictures.numpy()), labels.numpy()
 
     def stage_callback(self, stage: int, name: str, classifier: keras.Model, initial_epoch: int,
                        learning_rate, step_offset: int = 0) -> keras.callbacks.Callback:
@@ -417,6 +421,16 @@ def _scalars(logs) -> dict:
 
 def _capped(num_examples: int, steps: int | None, batch_size: int) -> int:
     return min(num_examples, steps * batch_size) if steps else num_examples
+
+
+def label_caption(label, class_names) -> list:
+    """A grid caption for a label vector: the class name, or for a mixed label (mixup, cutmix) the two
+    largest shares, one line each ("dog 62%", "cat 38%")."""
+    label = np.asarray(label, np.float64)
+    top = np.argsort(-label, kind="stable")[:2]
+    if label[top[0]] >= 1.0 - 1e-6:
+        return [(class_names[top[0]], images.INK)]
+    return [(f"{class_names[c]} {label[c]:.0%}", images.INK) for c in top if label[c] > 0]
 
 
 def hparams_of(config) -> dict:

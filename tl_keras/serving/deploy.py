@@ -14,6 +14,7 @@ import warnings
 
 from absl import logging
 import keras
+import numpy as np
 import tensorflow as tf
 
 from tl_keras import files
@@ -24,6 +25,11 @@ from tl_keras.serving import formats
 METADATA_FILE = "metadata.json"
 INPUT_NAME = "images"
 OUTPUTS = ("logits", "probabilities")
+CLASSIFIER = "classifier"  # The deploy model's nested classifier: the trained model up to its logits.
+# A head BatchNormalization channel whose output moves by less than this on every representative image
+# (in the units of its output, where a live channel varies by about |gamma|) is a constant to the int8
+# export: see constant_head_channels_folded.
+CONSTANT_CHANNEL_TOLERANCE = 1e-2
 
 
 class Preprocess(keras.layers.Layer):
@@ -43,6 +49,16 @@ class Preprocess(keras.layers.Layer):
 
     def compute_output_shape(self, input_shape):
         return (input_shape[0], self.image_size, self.image_size, 3)
+
+
+class MirrorImages(keras.layers.Layer):
+    """Images [N, H, W, C] -> their mirror images (left and right swapped), for test-time augmentation."""
+
+    def call(self, images):
+        return keras.ops.flip(images, axis=2)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
 
 
 @contextlib.contextmanager
@@ -72,22 +88,92 @@ def float32_copy(model: keras.Model) -> keras.Model:
 
 
 def build_deploy_model(model: keras.Model, preprocess, image_size: int,
-                       temperature: float = 1.0) -> keras.Model:
+                       temperature: float = 1.0, tta: bool = False) -> keras.Model:
     """uint8 images -> {"logits": logits / temperature, "probabilities": their softmax}, float32.
 
     `model` is a float32 classifier (build_classifier's layers); the deploy model shares its weights.
+    With `tta` (--export_tta) the logits are the mean of the image's and its mirror image's.
     """
     if model.get_layer(classifier.LOGITS).compute_dtype != "float32" or any(
             layer.compute_dtype != "float32" for layer in model.get_layer("backbone").layers):
         raise ValueError(f"The deploy model needs a float32 classifier. Received: model={model.name}")
     with float32_policy():
-        logits_model = keras.Model(model.inputs, model.get_layer(classifier.LOGITS).output, name="classifier")
+        logits_model = keras.Model(model.inputs, model.get_layer(classifier.LOGITS).output, name=CLASSIFIER)
         images = keras.Input((None, None, 3), dtype="uint8", name=INPUT_NAME)
-        logits = logits_model(Preprocess(preprocess, image_size, name="preprocess")(images))
+        inputs = Preprocess(preprocess, image_size, name="preprocess")(images)
+        logits = logits_model(inputs)
+        if tta:
+            mirrored = logits_model(MirrorImages(name="mirror")(inputs))
+            logits = keras.layers.Average(name="tta_flip")([logits, mirrored])
         if temperature != 1.0:
             logits = keras.layers.Rescaling(1.0 / temperature, name="temperature")(logits)
         probabilities = keras.layers.Softmax(name="probabilities")(logits)
         return keras.Model(images, {"logits": logits, "probabilities": probabilities}, name="deploy")
+
+
+@contextlib.contextmanager
+def constant_head_channels_folded(deploy_model: keras.Model, representative_images):
+    """While inside, each head BatchNormalization channel that is constant on the representative images
+    (to CONSTANT_CHANNEL_TOLERANCE) has gamma 0 and, as beta, the output it gives them; after, the weights
+    are back. Yields {layer name: channels made constant}.
+
+    Why: a backbone channel that its ReLU never opens (VGG16 trained on CIFAR-10 has ~100 of 512) leaves
+    the head BatchNormalization a moving variance near 0, so a scale gamma / sqrt(variance + epsilon) up
+    to 1 / sqrt(epsilon) ~ 32, against ~0.1 for a live channel of VGG-sized activations (variance ~100).
+    The int8 converter folds the BatchNormalization into the Dense after it, whose per-output-channel
+    weight range the dead channels' rows then set: the live weights round to 0 and the model gives one
+    class for every image. A constant channel adds the same to the next layer's input for every image
+    whatever its scale, so the float model computes the same on these images, and the int8 weights keep
+    their resolution.
+    """
+    layers = [layer for layer in classifier.head_layers(deploy_model.get_layer(CLASSIFIER))
+              if isinstance(layer, keras.layers.BatchNormalization) and layer.scale and layer.center]
+    saved = [(layer, layer.gamma.numpy(), layer.beta.numpy()) for layer in layers]
+    folded = {}
+    try:
+        inputs_of = _head_inputs(deploy_model, layers, representative_images)
+        for (layer, gamma, beta), inputs in zip(saved, inputs_of):
+            scale = gamma / np.sqrt(layer.moving_variance.numpy() + layer.epsilon)
+            inputs = np.moveaxis(inputs, layer.axis, -1).reshape(-1, len(gamma))  # [examples, channels]
+            low, high = inputs.min(axis=0), inputs.max(axis=0)
+            constant = (high - low) / 2 * np.abs(scale) <= CONSTANT_CHANNEL_TOLERANCE
+            value = beta + scale * ((low + high) / 2 - layer.moving_mean.numpy())
+            layer.gamma.assign(np.where(constant, 0.0, gamma))
+            layer.beta.assign(np.where(constant, value, beta))
+            folded[layer.name] = int(constant.sum())
+            logging.info("int8: %d of %d channels of %s are constant on the %d representative images, so "
+                         "their scales (up to %.3g; the others' up to %.3g) stay out of the int8 weights "
+                         "after it.",
+                         folded[layer.name], len(gamma), layer.name, len(representative_images),
+                         np.abs(scale[constant]).max(initial=0.0), np.abs(scale[~constant]).max(initial=0.0))
+        yield folded
+    finally:
+        for layer, gamma, beta in saved:
+            layer.gamma.assign(gamma)
+            layer.beta.assign(beta)
+
+
+def _head_inputs(deploy_model: keras.Model, layers, images) -> list:
+    """What each of `layers` (head layers of the deploy model's classifier) receives for `images`
+    (uint8 [H, W, 3], any sizes), and for their mirror images too when the deploy model averages both:
+    one array [N, ...] per layer."""
+    if not layers:
+        return []
+    preprocess = deploy_model.get_layer("preprocess")
+    logits_model = deploy_model.get_layer(CLASSIFIER)
+    probe = keras.Model(logits_model.inputs, [layer.input for layer in layers])
+    mirrored = any(isinstance(layer, MirrorImages) for layer in deploy_model.layers)
+    by_size = {}
+    for image in images:
+        by_size.setdefault(np.shape(image), []).append(image)
+    outputs = [[] for _ in layers]
+    for same_size in by_size.values():
+        for start in range(0, len(same_size), 64):
+            inputs = preprocess(np.stack(same_size[start:start + 64]))
+            for view in [inputs, keras.ops.flip(inputs, axis=2)] if mirrored else [inputs]:
+                for output, value in zip(outputs, keras.tree.flatten(probe(view, training=False))):
+                    output.append(np.asarray(value))
+    return [np.concatenate(output) for output in outputs]
 
 
 def write_format(name: str, deploy_model: keras.Model, directory: str, representative_images=None):
@@ -113,10 +199,12 @@ def write_format(name: str, deploy_model: keras.Model, directory: str, represent
 
         # Weights and activations int8, calibrated on the images; uint8 pixels in, cast inside (so any
         # pixel value is exact), float32 logits and probabilities out (dequantized at the end).
-        deploy_model.export(path, format="litert", verbose=False, optimizations=[tf.lite.Optimize.DEFAULT],
-                            representative_dataset=representative_dataset,
-                            target_spec={"supported_ops": [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]},
-                            inference_input_type=tf.uint8, inference_output_type=tf.float32)
+        with constant_head_channels_folded(deploy_model, representative_images):
+            deploy_model.export(path, format="litert", verbose=False,
+                                optimizations=[tf.lite.Optimize.DEFAULT],
+                                representative_dataset=representative_dataset,
+                                target_spec={"supported_ops": [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]},
+                                inference_input_type=tf.uint8, inference_output_type=tf.float32)
     else:
         raise ValueError(f"write_format writes {', '.join(formats.FILES)} but not the SavedModel "
                          f"(export.write_saved_model does). Received: name={name}")
@@ -131,7 +219,7 @@ def preprocessing_description(backbone: str, image_size: int) -> str:
 
 def build_metadata(names, class_names, backbone: str, image_size: int, temperature: float,
                    calibrated: bool, threshold: float | None, target_accuracy: float | None,
-                   representative_examples: int = 0, seed: int | None = None) -> dict:
+                   representative_examples: int = 0, seed: int | None = None, tta: bool = False) -> dict:
     """metadata.json: what every artifact in the version directory takes and returns, for consumers
     that read no TensorFlow signature (ONNX, OpenVINO, TFLite), and the confidence threshold."""
     artifacts = {formats.SAVED_MODEL: {
@@ -160,6 +248,10 @@ def build_metadata(names, class_names, backbone: str, image_size: int, temperatu
         artifacts[formats.OPENVINO] = {
             "path": formats.FILES[formats.OPENVINO], "runtime": "OpenVINO Runtime",
             "input": "images uint8 [N, H, W, 3]", "outputs": list(OUTPUTS), "weights": "float32"}
+    logits = "float32 [N, classes]: the classifier's logits divided by the temperature"
+    if tta:
+        logits = ("float32 [N, classes]: the mean of the classifier's logits of each image and of its mirror "
+                  "image (test-time augmentation), divided by the temperature")
     return {
         "class_names": list(class_names),
         "image_size": image_size,
@@ -167,8 +259,8 @@ def build_metadata(names, class_names, backbone: str, image_size: int, temperatu
                   "channels": "RGB", "range": [0, 255],
                   "note": f"any height and width; every format resizes to {image_size}x{image_size} inside"},
         "preprocessing": preprocessing_description(backbone, image_size),
-        "outputs": {"logits": "float32 [N, classes]: the classifier's logits divided by the temperature",
-                    "probabilities": "float32 [N, classes]: softmax of logits"},
+        "outputs": {"logits": logits, "probabilities": "float32 [N, classes]: softmax of logits"},
+        "test_time_augmentation": "flip" if tta else None,
         "temperature": float(temperature),
         "calibrated": bool(calibrated),
         "target_accuracy": target_accuracy,

@@ -30,7 +30,8 @@ def latest_version_dir(export_root: str) -> str | None:
 
 def export_saved_model(model: keras.Model, export_root: str, preprocess, class_names,
                        tflite: bool = False, version_dir: str | None = None,
-                       max_image_pixels: int = Config.max_image_pixels, temperature: float = 1.0) -> str:
+                       max_image_pixels: int = Config.max_image_pixels, temperature: float = 1.0,
+                       tta: bool = False) -> str:
     """Write model plus preprocessing and label names as export_root/N; return that path.
 
     The directory appears only once complete (written under a temporary name), with what
@@ -42,7 +43,7 @@ def export_saved_model(model: keras.Model, export_root: str, preprocess, class_n
         return target
     os.makedirs(export_root, exist_ok=True)
     with files.atomic_path(target) as tmp:
-        write_saved_model(model, tmp, preprocess, class_names, tflite, max_image_pixels, temperature)
+        write_saved_model(model, tmp, preprocess, class_names, tflite, max_image_pixels, temperature, tta)
     write_labels(export_root, class_names)
     logging.info("Exported SavedModel%s to %s", " and TFLite model" if tflite else "", target)
     return target
@@ -54,7 +55,8 @@ def write_labels(export_root: str, class_names):
 
 
 def write_saved_model(model: keras.Model, directory: str, preprocess, class_names, tflite: bool = False,
-                      max_image_pixels: int = Config.max_image_pixels, temperature: float = 1.0):
+                      max_image_pixels: int = Config.max_image_pixels, temperature: float = 1.0,
+                      tta: bool = False):
     """The SavedModel of `model` (the classifier) in `directory`, which the caller publishes whole:
     labels.txt in its assets/ and, if asked, model.tflite beside saved_model.pb.
 
@@ -62,14 +64,19 @@ def write_saved_model(model: keras.Model, directory: str, preprocess, class_name
     like training inputs. Both signatures return `logits` (the classifier's, divided by
     `temperature`), `probabilities` (their softmax), `classes` and `class_names`. `serve_bytes`
     refuses images of more than `max_image_pixels` (height x width) from their header, before
-    decoding: the limit is part of the export.
+    decoding: the limit is part of the export. With `tta` the logits are the mean of the image's and
+    its mirror image's (--export_tta), as evaluation.evaluate averages them.
     """
     logits_model = keras.Model(model.inputs, model.get_layer(classifier.LOGITS).output, name="logits")
     class_table = tf.constant(list(class_names), dtype=tf.string)
     example_shape = preprocess(tf.zeros([1, 8, 8, 3], tf.uint8)).shape[1:]
 
     def classify(inputs):
-        logits = tf.cast(logits_model(inputs, training=False), tf.float32) / temperature
+        logits = tf.cast(logits_model(inputs, training=False), tf.float32)
+        if tta:
+            mirrored = tf.cast(logits_model(tf.reverse(inputs, axis=[2]), training=False), tf.float32)
+            logits = (logits + mirrored) / 2.0
+        logits = logits / temperature
         probabilities = tf.nn.softmax(logits)
         classes = tf.argmax(probabilities, axis=-1)
         return {

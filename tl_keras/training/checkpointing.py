@@ -7,6 +7,9 @@ points at it, so a kill at any moment leaves either the old or the new state, ne
 
 Optimizer and RNG variables are stored by their Keras path, not by position: Adam's two moments have
 the same shapes, so a change of order would otherwise swap them silently.
+
+With --ema_decay the state holds the raw weights, and the optimizer's variables include the averages,
+so a resume continues both; latest.weights.h5 and best.weights.h5 hold the averages (training/ema.py).
 """
 
 import dataclasses
@@ -18,6 +21,7 @@ import keras
 import numpy as np
 
 from tl_keras import files
+from tl_keras.training import ema
 
 STATE_FILE = "state.json"
 LATEST = "latest.weights.h5"
@@ -264,11 +268,12 @@ class TrainingCheckpoint(keras.callbacks.Callback):
         logs = logs or {}
         self.step_offset = 0  # Later epochs of this fit() start at their first step.
         directory = checkpoint_dir(self.model_dir)
-        save_weights(self.classifier, os.path.join(directory, LATEST))
-        value = logs.get(self.monitor)
-        if value is not None and (self.state.best_value is None or value > self.state.best_value):
-            self.state.best_value = float(value)
-            save_weights(self.classifier, os.path.join(directory, BEST))
+        with ema.averaged(self.model.optimizer):  # --ema_decay: evaluate and export use the average.
+            save_weights(self.classifier, os.path.join(directory, LATEST))
+            value = logs.get(self.monitor)
+            if value is not None and (self.state.best_value is None or value > self.state.best_value):
+                self.state.best_value = float(value)
+                save_weights(self.classifier, os.path.join(directory, BEST))
         self.state.epoch, self.state.step = epoch + 1, 0
         self._save()
 

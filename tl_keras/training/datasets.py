@@ -10,7 +10,8 @@ from absl import logging
 import keras
 import tensorflow as tf
 
-from tl_keras.config import Config
+from tl_keras.config import CACHEABLE_AUGMENTATIONS, Config
+from tl_keras.data import augment
 from tl_keras.data import feature_cache
 from tl_keras.data import folder_dataset
 from tl_keras.data import pipeline
@@ -66,15 +67,23 @@ def load_splits(config: Config) -> pipeline.Splits:
 
 
 def build_data(config: Config, splits: pipeline.Splits) -> Data:
+    """Training augments resized 0-255 pixels and normalizes last (pipeline.Preprocessing); evaluation
+    preprocesses as the export does. With mixup or cutmix, class weights become the training batches'
+    sample weights (exact for mixed labels, see augment.weigh_soft_labels) instead of fit()'s."""
     preprocess = backbones.get_preprocessing(config.backbone, config.image_size)
+    pixels = pipeline.Preprocessing.of(backbones.get_preprocess_input(config.backbone), config.image_size)
+    augmentation = augment.Augmentation.from_config(config)
     batch, classes = config.batch_size, splits.num_classes
+    weights = class_weights(config, splits) if config.mode == "train" else None
+    in_batches = weights is not None and augmentation.mixes_labels
+    by_class = [weights[c] for c in range(classes)] if in_batches else None
 
     steps = pipeline.steps_for(splits.num_train, batch, config.steps_per_epoch)
 
     def train(start_epoch: int = 0, skip_steps: int = 0):
         return shard_by_data(pipeline.build_train_dataset(
-            splits.train, preprocess, batch, classes, config.augment, config.seed, start_epoch, skip_steps,
-            steps))
+            splits.train, pixels, batch, classes, augmentation, config.seed, start_epoch, skip_steps,
+            steps, class_weights=by_class))
 
     def evaluation(examples):
         return shard_by_data(pipeline.build_eval_dataset(examples, preprocess, batch, classes))
@@ -86,7 +95,7 @@ def build_data(config: Config, splits: pipeline.Splits) -> Data:
         test=evaluation(splits.test),
         train_steps=steps,
         eval_steps=config.eval_steps,
-        class_weight=class_weights(config, splits) if config.mode == "train" else None,
+        class_weight=None if in_batches else weights,
     )
 
 
@@ -110,10 +119,12 @@ def class_weights(config: Config, splits: pipeline.Splits) -> dict | None:
 
 
 def use_feature_cache(config: Config) -> bool:
-    """auto: on when it is exact (no translations), and off for --time_budget runs, whose plan times
-    training on images."""
+    """auto: on when it is exact (no augmentation, or flips, whose both orientations it stores), and
+    off for --time_budget runs, whose plan times training on images. true with an augmentation it
+    cannot store: Config refuses RandAugment, erasing, mixup and cutmix; translations are dropped."""
     if config.cache_features == "auto":
-        return config.augment != "flip_translate" and not config.time_budget
+        exact = set(config.augmentations) <= CACHEABLE_AUGMENTATIONS
+        return exact and not config.time_budget
     return config.cache_features == "true"
 
 
@@ -212,10 +223,12 @@ def _finetune_cut(model, config: Config, data: Data):
                          len(points))
         return None
     fine_tune_at = points[0][0]
-    cut = classifier.split_at(model, fine_tune_at)
-    if cut is None:
-        logging.info("Fine-tuning trains on images: the backbone cannot be cut at %s.", fine_tune_at)
+    split = classifier.find_split(model, fine_tune_at)
+    if split.prefix is None:
+        logging.info("Fine-tuning trains on images: the backbone cannot be cut below %s: %s.", fine_tune_at,
+                     split.reason)
         return None
+    cut = split.prefix, split.boundary
     splits = data.splits
     orientations = 1 if config.augment == "none" else 2
     copies = splits.num_train * orientations + splits.num_validation + splits.num_test

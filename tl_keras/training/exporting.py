@@ -35,8 +35,8 @@ def check_min_accuracy(config: Config, final: dict | None, model: keras.Model, t
     `final` is the last stage's test metrics, or None when no stage ran in this process or before.
     """
     if final is None:  # No stage ran, so nothing measured the model yet.
-        result = evaluation.evaluate(model, test, eval_steps, config.label_smoothing)
-        final = evaluation.prefixed(result.metrics, "test")
+        result = evaluation.evaluate(model, test, eval_steps, config.label_smoothing, config.tta)
+        final = evaluation.split_metrics(result, "test")
     accuracy = final["test_accuracy"]
     if accuracy < config.min_accuracy:
         raise UserError(f"Test accuracy {accuracy:.4f} is below --min_accuracy, so nothing was exported "
@@ -89,7 +89,8 @@ def calibrate_and_export(model: keras.Model, config: Config, splits: pipeline.Sp
     class_names = splits.class_names
     preprocess = backbones.get_preprocessing(config.backbone, config.image_size)
     float_model = deploy.float32_copy(model)
-    plain = deploy.build_deploy_model(float_model, preprocess, config.image_size)
+    tta = config.export_tta  # Calibration, the report and parity all see the model as served.
+    plain = deploy.build_deploy_model(float_model, preprocess, config.image_size, tta=tta)
     cap = config.eval_steps * config.batch_size if config.eval_steps else None
     validation = _has_validation(splits)
     validation_logits, validation_labels = (
@@ -104,7 +105,8 @@ def calibrate_and_export(model: keras.Model, config: Config, splits: pipeline.Sp
     served = calibration.softmax(test_logits, temperature)
     result = evaluation.Evaluation(served, test_labels, evaluation.metrics_of(served, test_labels,
                                                                               config.label_smoothing),
-                                   evaluation.worst_mistakes(served, test_labels))
+                                   evaluation.worst_mistakes(served, test_labels),
+                                   tta=evaluation.TTA_FLIP if tta else None)
     eval_report = evaluation.write_report(result, splits.test, class_names,
                                           os.path.join(config.model_dir, run_dir.EVAL_DIR), config.test_split,
                                           calibration=report)
@@ -113,7 +115,7 @@ def calibrate_and_export(model: keras.Model, config: Config, splits: pipeline.Sp
                                     report)
     _log_calibration(report, fitted)
 
-    exported = deploy.build_deploy_model(float_model, preprocess, config.image_size, temperature)
+    exported = deploy.build_deploy_model(float_model, preprocess, config.image_size, temperature, tta)
     representative = _representative_images(splits, config.seed) if formats.TFLITE_INT8 in names else []
     count = min(len(test_labels), config.parity_examples or len(test_labels))
     keras_row = parity.compare(parity.KERAS, served[:count], test_labels[:count], served[:count],
@@ -121,13 +123,13 @@ def calibrate_and_export(model: keras.Model, config: Config, splits: pipeline.Sp
     os.makedirs(export_root, exist_ok=True)
     with files.atomic_path(target) as tmp:
         export_lib.write_saved_model(float_model, tmp, preprocess, class_names, formats.TFLITE in names,
-                                     config.max_image_pixels, temperature)
+                                     config.max_image_pixels, temperature, tta)
         for name in names:
             if name not in (formats.SAVED_MODEL, formats.TFLITE):
                 _write_format(name, exported, tmp, representative, names)
         metadata = deploy.build_metadata(names, class_names, config.backbone, config.image_size, temperature,
                                          fitted, report["threshold"], config.target_accuracy,
-                                         len(representative), config.seed)
+                                         len(representative), config.seed, tta)
         metadata["calibration"] = calibration.summary(report)
         metadata["coverage_accuracy"] = _coverage_points(eval_report["coverage_accuracy"])
         deploy.write_metadata(tmp, metadata)
@@ -236,9 +238,14 @@ def _coverage_points(curve) -> dict:
 
 
 def _metrics(target: str, metadata: dict, rows) -> dict:
-    return {"export_path": target, "calibration": metadata.get("calibration", {}),
-            "coverage_accuracy": metadata.get("coverage_accuracy", {}),
-            "parity": {row["format"]: row for row in rows}}
+    """What metrics.json keeps of an export; with --export_tta, export_tta names the views that its
+    numbers (calibration, coverage, parity) average."""
+    metrics = {"export_path": target, "calibration": metadata.get("calibration", {}),
+               "coverage_accuracy": metadata.get("coverage_accuracy", {}),
+               "parity": {row["format"]: row for row in rows}}
+    if metadata.get("test_time_augmentation"):
+        metrics["export_tta"] = metadata["test_time_augmentation"]
+    return metrics
 
 
 def _metrics_of_export(target: str) -> dict:

@@ -12,6 +12,7 @@ import dataclasses
 import keras
 
 from tl_keras.config import AUTO, Config
+from tl_keras.training import ema
 from tl_keras.training import optimizers
 
 HEAD = "head"
@@ -125,10 +126,13 @@ def compile_classifier(model: keras.Model, learning_rate, config: Config, num_cl
     layers `model` shares (a stage on cached activations, which has no backbone layer of its own).
     """
     decay = config.layerwise_lr_decay if layerwise is not None else None
+    optimizer = optimizers.build_optimizer(layerwise if decay else model, learning_rate, decay)
+    if config.ema_decay:  # Keras's weight averaging, on every Adam that updates weights (training/ema.py).
+        ema.enable(optimizer, config.ema_decay)
     model.compile(
         steps_per_execution=steps_per_execution,
         jit_compile=config.jit_compile,
-        optimizer=optimizers.build_optimizer(layerwise if decay else model, learning_rate, decay),
+        optimizer=optimizer,
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
         metrics=[
             keras.metrics.CategoricalAccuracy(name="accuracy"),
