@@ -238,7 +238,10 @@ def build_metadata(names, class_names, backbone: str, image_size: int, temperatu
             "signatures": ["serving_default"], "input": "images uint8 [N, H, W, 3], raw pixels (no "
                                                         "quantization parameters: cast inside)",
             "outputs": ["logits", "probabilities"], "output_dtype": "float32",
-            "weights": "int8 weights and activations (TFLITE_BUILTINS_INT8)",
+            "weights": "int8 weights (per output channel) and activations (TFLITE_BUILTINS_INT8); the cast "
+                       "and the resize run in float32; logits and probabilities are dequantized int8 "
+                       "(probabilities in steps of 1/256); head BatchNormalization channels constant on the "
+                       "representative images are constants",
             "representative_examples": representative_examples, "representative_seed": seed}
     if formats.ONNX in names:
         artifacts[formats.ONNX] = {
