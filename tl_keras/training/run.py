@@ -71,7 +71,7 @@ def _run(config: Config, strategy, splits, precision: str, signals: guards.Signa
                      ", ".join(f"{name} {value:g}" for name, value in scaled.items()) or "none (auto)")
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
-    keras.utils.set_random_seed(config.seed)
+    set_seeds(config.seed)
     if config.mode == "train":
         state = checkpointing.load_state(config.model_dir)
         if state is not None and "done" in (state.status, state.phase):
@@ -90,13 +90,22 @@ def _run(config: Config, strategy, splits, precision: str, signals: guards.Signa
         return stages.run_lr_find(config, strategy, data)
     model = restore_classifier(config, strategy, splits.num_classes)
     if config.mode == "evaluate":
-        result = evaluation.evaluate(model, data.test, data.eval_steps, config.label_smoothing)
+        result = evaluation.evaluate(model, data.test, data.eval_steps, config.label_smoothing, config.tta)
         report = evaluation.write_report(result, splits.test, splits.class_names,
                                          os.path.join(config.model_dir, run_dir.EVAL_DIR), config.test_split)
-        metrics = {"test": evaluation.prefixed(result.metrics, "test")}
+        metrics = {"test": evaluation.split_metrics(result, "test")}
         run_dir.update_metrics(config.model_dir, metrics)
         return dict(metrics, report=report)
     return exporting.calibrate_and_export(model, config, splits)
+
+
+def set_seeds(seed: int):
+    """Python's, numpy's and TensorFlow's seeds. TensorFlow's get_seed compares (global, op) seeds
+    with (0, 0) in Python: with a global seed of 0 and the pipeline's tensor op seeds that is a tensor's
+    truth value in graph mode, an error. Another fixed global seed keeps --seed=0 reproducible."""
+    keras.utils.set_random_seed(seed)
+    if seed % 2**31 == 0:
+        tf.random.set_seed(2**31 - 1)
 
 
 def restore_classifier(config: Config, strategy, num_classes: int) -> keras.Model:

@@ -81,7 +81,7 @@ def train_and_export(config: Config, strategy, data: datasets.Data,
             stage_data = datasets.stage_data(model, config, strategy, data, cache, stage.fine_tunes, signals)
             metrics.setdefault("stages", {})[stage.name] = train_stage(
                 model, stage_data, stage, stages, config, strategy, data.train_steps, state, peak, board,
-                signals, lengths, clock)
+                signals, lengths, clock, test_images=data.test)
             run_dir.update_metrics(config.model_dir, {"stages": metrics["stages"]})
             _next_stage(config, state, model if config.early_stopping_patience else None, stages)
         if state.status == "train":  # No stages at all: straight to the export.
