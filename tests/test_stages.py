@@ -334,3 +334,9 @@ def test_layerwise_decay_on_cached_activations(make_config):
                          cache_features="true")
     metrics = train.run(config, splits=make_splits(num_train=16, validation_split=0.25))
     assert metrics["stages"]["finetune"]["steps"] == 2
+
+
+def test_stage_names_from_top_n_are_file_safe(make_config):
+    config = make_config(unfreeze_schedule="top:1=1,all=1")
+    assert [s.name for s in schedule.build_stages(config)] == ["head", "unfreeze_top_1", "unfreeze_all"]
+    assert schedule.build_stages(config)[1].trains_from == "top:1"

@@ -106,10 +106,11 @@ flags.DEFINE_string("head_learning_rate", str(_DEFAULTS.head_learning_rate),
                     "--mode=lr_find), found when the stage starts and kept on resume.")
 flags.DEFINE_enum("cache_features", _DEFAULTS.cache_features, config_lib.CACHE_FEATURES,
                   "Compute frozen backbone outputs once instead of every epoch: pooled features for "
-                  "the head stage, and for one fine-tuning stage the output of the layers below it "
-                  "(plain-chain backbones such as VGG). Exact for --augment=none or flip (both orientations "
-                  "are cached). auto: on only for those; true drops flip_translate's translations and is "
-                  "refused with any other augmentation.")
+                  "the head stage, and for one fine-tuning stage the output of the frozen layers below "
+                  "it, where one tensor separates them from the rest (any layer of VGG; between the "
+                  "blocks of ResNet, EfficientNet, ConvNeXt, ...). Exact for --augment=none or flip "
+                  "(both orientations are cached). auto: on only for those; true drops flip_translate's "
+                  "translations and is refused with any other augmentation.")
 
 # Schedule, the fine-tuning stages.
 flags.DEFINE_integer("finetune_epochs", _DEFAULTS.finetune_epochs,

@@ -51,9 +51,8 @@ def get_inverse_preprocessing(backbone: str):
     return unpreprocess
 
 
-@keras.saving.register_keras_serializable(package="tl_keras")
-class Backbone(keras.Model):
-    """A headless model whose mode while training is decided here, not by fit()'s training flag.
+def pin_mode(model: keras.Model, batchnorm: str = registry.BN_FROZEN) -> keras.Model:
+    """Make `model` (a backbone, or the part of one above a cut) decide its own mode, whatever fit() says.
 
     Why: in Keras 3.15 a functional model passes the outer call's training flag down to every nested
     call (functional.operation_fn), overriding a `backbone(x, training=False)` given when the classifier
@@ -65,34 +64,33 @@ class Backbone(keras.Model):
     update batch statistics, frozen ones keep their moving statistics (Keras runs a non-trainable
     BatchNormalization in inference mode), and its dropout is active. A frozen backbone (the head
     stage) runs in inference mode either way.
+
+    Only the instance's call changes (as matmul_conv changes a layer's convolution_op): the class and
+    the weight paths stay Functional's, so checkpoints and exports do not know the difference.
     """
+    if batchnorm not in registry.BACKBONE_BN:
+        raise ValueError(f"batchnorm must be one of {', '.join(registry.BACKBONE_BN)}. "
+                         f"Received: batchnorm={batchnorm}")
+    unpinned = type(model).call.__get__(model)
 
-    def __init__(self, *args, batchnorm: str = registry.BN_FROZEN, **kwargs):
-        super().__init__(*args, **kwargs)
-        if batchnorm not in registry.BACKBONE_BN:
-            raise ValueError(f"batchnorm must be one of {', '.join(registry.BACKBONE_BN)}. "
-                             f"Received: batchnorm={batchnorm}")
-        self.batchnorm = batchnorm
+    def call(inputs, training=None, mask=None):
+        follows_fit = model.batchnorm == registry.BN_TRAIN and model.trainable
+        return unpinned(inputs, training=training if follows_fit else False, mask=mask)
 
-    def call(self, inputs, training=None, mask=None):
-        follows_fit = self.batchnorm == registry.BN_TRAIN and self.trainable
-        return super().call(inputs, training=training if follows_fit else False, mask=mask)
+    model.batchnorm = batchnorm
+    model.call = call
+    return model
 
-    def get_config(self):
-        return dict(super().get_config(), batchnorm=self.batchnorm)
 
-    @classmethod
-    def from_config(cls, config, custom_objects=None):
-        config = dict(config)
-        batchnorm = config.pop("batchnorm", registry.BN_FROZEN)
-        model = super().from_config(config, custom_objects)
-        model.batchnorm = batchnorm
-        return model
+def batchnorm_mode(model: keras.Model) -> str:
+    """The --backbone_bn mode that pin_mode gave a backbone (frozen for one it never saw)."""
+    return getattr(model, "batchnorm", registry.BN_FROZEN)
 
 
 def build_backbone(name: str, image_size: int, weights: str = "imagenet",
-                   matmul_small_convs: bool = False, batchnorm: str = registry.BN_FROZEN) -> Backbone:
-    """Build a headless Backbone named 'backbone', with weights 'imagenet', 'none' or a .h5 path.
+                   matmul_small_convs: bool = False, batchnorm: str = registry.BN_FROZEN) -> keras.Model:
+    """Build a headless backbone named 'backbone', with weights 'imagenet', 'none' or a .h5 path, in
+    the --backbone_bn mode `batchnorm` (pin_mode).
 
     matmul_small_convs computes convolutions on maps of 4x4 or less as matmuls (see matmul_conv):
     the same outputs and weights; on CPU those layers train 1.5-3.3x faster at 32 px.
@@ -105,7 +103,7 @@ def build_backbone(name: str, image_size: int, weights: str = "imagenet",
         application = getattr(keras.applications, spec.application)
         try:
             # Under its own name: EfficientNetV2 looks its configuration up by it, and ConvNeXt prefixes
-            # its layer names with it. Only the graph is kept, as the Backbone's.
+            # its layer names with it. Only its graph is kept, as the backbone's.
             built = application(
                 include_top=False,
                 weights="imagenet" if weights == "imagenet" else None,
@@ -119,7 +117,7 @@ def build_backbone(name: str, image_size: int, weights: str = "imagenet",
                 f"--weights=PATH to a local .h5 weights file, or --weights=none. Received: weights={weights}"
             ) from None
         inputs, outputs = built.input, built.output
-    backbone = Backbone(inputs, outputs, name="backbone", batchnorm=batchnorm)
+    backbone = pin_mode(keras.Model(inputs, outputs, name="backbone"), batchnorm)
     if weights not in ("imagenet", "none"):
         try:
             backbone.load_weights(weights)

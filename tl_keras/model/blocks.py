@@ -107,24 +107,28 @@ def block_of(model: keras.Model, layer_name: str) -> str:
 
 def unfreeze_points(model: keras.Model) -> dict[str, str]:
     """What --fine_tune_at accepts besides a weighted layer's name, each with the first weighted layer
-    it unfreezes from: 'all', then top:1 (the top block), top:2, ..., and each block by its name."""
+    it unfreezes from: 'all', then top:1 (the top block), top:2, ..., and each block by its name.
+
+    top:N starts at the lowest first layer of the last N blocks, so that all of them train even where
+    the layers of neighbouring blocks interleave (NASNet)."""
     backbone = get_backbone(model)
-    weighted = {layer.name for layer in backbone.layers if layer.weights}
-    blocks = [b for b in backbone_blocks(model) if any(name in weighted for name in b.layers)]
-    first = {b.name: next(name for name in b.layers if name in weighted) for b in blocks}
-    points = {ALL: first[blocks[0].name]}
-    for n, block in enumerate(reversed(blocks), start=1):
-        points[f"{TOP}{n}"] = first[block.name]
-    for block in blocks:
-        points.setdefault(block.name, first[block.name])
+    weighted = [layer.name for layer in backbone.layers if layer.weights]
+    found = [b for b in backbone_blocks(model) if set(b.layers) & set(weighted)]
+    first = {b.name: min(weighted.index(name) for name in b.layers if name in weighted) for b in found}
+    points = {ALL: weighted[0]}
+    for n in range(1, len(found) + 1):
+        points[f"{TOP}{n}"] = weighted[min(first[b.name] for b in found[-n:])]
+    for block in found:
+        points.setdefault(block.name, weighted[first[block.name]])
     return points
 
 
 def describe_points(model: keras.Model) -> str:
     """The stages for an error message: 'top:1=conv5, top:2=conv4, ...'."""
-    blocks = [b.name for b in backbone_blocks(model)
-              if any(get_backbone(model).get_layer(name).weights for name in b.layers)]
-    return ", ".join(f"{TOP}{n}={name}" for n, name in enumerate(reversed(blocks), start=1))
+    backbone = get_backbone(model)
+    names = [b.name for b in backbone_blocks(model)
+             if any(backbone.get_layer(name).weights for name in b.layers)]
+    return ", ".join(f"{TOP}{n}={name}" for n, name in enumerate(reversed(names), start=1))
 
 
 def boundaries(backbone: keras.Model) -> list[int]:

@@ -3,6 +3,7 @@ model can be cut for the feature cache."""
 
 import dataclasses
 import inspect
+import re
 
 from absl import logging
 import keras
@@ -32,7 +33,7 @@ def build_classifier(
     float32 under mixed precision.
 
     backbone_bn (registry.BACKBONE_BN) says whether fine-tuning trains the backbone's BatchNormalization
-    layers on batch statistics (backbones.Backbone); by default the backbone runs in inference mode.
+    layers on batch statistics (backbones.pin_mode); by default the backbone runs in inference mode.
 
     The softmax is a layer of its own so that exports can return the logits beside the probabilities
     and divide them by a temperature. It has no weights, and the Dense layer keeps its name, so
@@ -41,8 +42,9 @@ def build_classifier(
     backbone = backbones.build_backbone(backbone_name, image_size, weights, matmul_small_convs, backbone_bn)
     backbone.trainable = False
     inputs = keras.Input((image_size, image_size, 3), name="image")
-    # No training=False here: fit() would override it (Keras 3.15); the Backbone pins its own mode.
-    x = backbone(inputs)
+    # fit() overrides this training=False (Keras 3.15): backbones.pin_mode is what keeps the mode. It
+    # still holds for any copy without the pin (the export's float32 clone), which only infers.
+    x = backbone(inputs, training=False)
     x = keras.layers.GlobalAveragePooling2D(name=HEAD_INPUT)(x)
     if head_batchnorm:
         x = keras.layers.BatchNormalization(name="head_batchnorm")(x)
@@ -80,7 +82,7 @@ def unfreeze_backbone(model: keras.Model, fine_tune_at: str):
     backbone = model.get_layer(blocks.BACKBONE)
     layers = [layer for layer in backbone.layers if layer.weights]
     start = unfreeze_start(model, fine_tune_at)
-    train_bn = getattr(backbone, "batchnorm", registry.BN_FROZEN) == registry.BN_TRAIN
+    train_bn = backbones.batchnorm_mode(backbone) == registry.BN_TRAIN
     backbone.trainable = True
     for i, layer in enumerate(layers):
         layer.trainable = i >= start and (train_bn or not isinstance(layer, keras.layers.BatchNormalization))
@@ -133,23 +135,31 @@ def build_extractor(model: keras.Model, boundaries: list, prefix: keras.Model | 
 class Split:
     """Where a fine-tuning stage's classifier can be cut into "frozen part, then the rest" at one tensor:
     `prefix` maps preprocessed images to the output of the backbone operation `boundary`; `reason`
-    says why there is no cut when `prefix` is None."""
+    says why there is no cut when `prefix` is None. `stored_name` names the boundary in files: its name,
+    and where Keras generated that name (ConvNeXt's add_14, whose number depends on what the process
+    built before), its position in the backbone too, so that another process never reads another
+    boundary's activations under it."""
 
     prefix: keras.Model | None
     boundary: str | None
     reason: str = ""
+    stored_name: str | None = None
 
 
 def find_split(model: keras.Model, fine_tune_at: str) -> Split:
     """The highest cut below `fine_tune_at` at a single tensor (blocks.boundaries): VGG at any layer,
     ResNet or ConvNeXt between residual blocks, Inception between its mixed blocks; none in NASNet,
-    whose cells each read the two cells before them. The frozen part below it runs once."""
+    whose cells each read the two cells before them. The frozen part below it runs once; a cut that
+    would leave most of the frozen layers above it is refused."""
     backbone = model.get_layer(blocks.BACKBONE)
     weighted = [layer for layer in backbone.layers if layer.weights]
     start = weighted[unfreeze_start(model, fine_tune_at)]
     operations = backbone.operations
     first_trainable = next(i for i, op in enumerate(operations) if op is start)
-    first_weighted = next(i for i, op in enumerate(operations) if op is weighted[0])
+    # The first layer with weights that can train (not EfficientNet's input normalization): a prefix
+    # without one would store the images themselves.
+    learnable = next(layer for layer in weighted if not isinstance(layer, keras.layers.Normalization))
+    first_weighted = next(i for i, op in enumerate(operations) if op is learnable)
     if first_trainable <= first_weighted:
         return Split(None, None, f"every weighted backbone layer trains from {start.name}: none to cache")
     cuts = [i for i in blocks.boundaries(backbone) if first_weighted <= i < first_trainable]
@@ -157,14 +167,30 @@ def find_split(model: keras.Model, fine_tune_at: str) -> Split:
         return Split(None, None, f"no single tensor separates the frozen layers below {start.name} from the "
                                  "rest: skip connections or branches cross every point between them")
     boundary = operations[cuts[-1]]
-    if getattr(backbone, "batchnorm", registry.BN_FROZEN) == registry.BN_TRAIN:
+    # A cut low in the frozen part (NASNet's, above its stem) would store big activations to save little.
+    weighted_ops = {id(layer) for layer in weighted}
+    below = sum(id(op) in weighted_ops for op in operations[first_weighted:cuts[-1] + 1])
+    above = sum(id(op) in weighted_ops for op in operations[cuts[-1] + 1:first_trainable])
+    if above > below:
+        return Split(None, None, f"the highest single-tensor cut below {start.name}, after {boundary.name}, "
+                                 f"would leave {above} of the {above + below} frozen weighted layers to run "
+                                 "every step: skip connections or branches cross every point above it")
+    if backbones.batchnorm_mode(backbone) == registry.BN_TRAIN:
         random = [op.name for op in operations[:cuts[-1] + 1] if _behaves_differently_in_training(op)]
         if random:
             return Split(None, None, f"with --backbone_bn=train the frozen layers below {start.name} run in "
                                      f"training mode ({', '.join(random[:3])}...), which stored activations "
                                      "cannot reproduce")
     prefix = keras.Model(backbone.input, boundary.output, name=f"prefix_to_{boundary.name}")
-    return Split(prefix, boundary.name)
+    generated = re.fullmatch(rf"{_snake_case(type(boundary).__name__)}(_\d+)?", boundary.name)
+    return Split(prefix, boundary.name, stored_name=f"{boundary.name}_at_{cuts[-1]}" if generated
+                 else boundary.name)
+
+
+def _snake_case(name: str) -> str:
+    """'MaxPooling2D' -> 'max_pooling2d': how Keras names an operation it was not told to name."""
+    name = re.sub("(.)([A-Z][a-z]+)", r"\1_\2", name)
+    return re.sub("([a-z])([A-Z])", r"\1_\2", name).lower()
 
 
 def split_at(model: keras.Model, fine_tune_at: str):
@@ -187,10 +213,10 @@ def _behaves_differently_in_training(operation) -> bool:
 def build_model_from(model: keras.Model, boundary: str, stop_at: str | None = None) -> keras.Model:
     """A model from the output of backbone operation `boundary` (or HEAD_INPUT) onward, sharing weights.
 
-    Above a backbone boundary, the backbone's part above it is a Backbone of its own, in the same
-    --backbone_bn mode, so that it runs exactly as inside the classifier. With stop_at=HEAD_INPUT it ends
-    at the pooled features, which turns cached boundary activations into phase 1's features without
-    rerunning the whole backbone.
+    Above a backbone boundary, the backbone's part above it is a model of its own, pinned to the same
+    --backbone_bn mode (backbones.pin_mode), so that it runs exactly as inside the classifier. With
+    stop_at=HEAD_INPUT it ends at the pooled features, which turns cached boundary activations into
+    phase 1's features without rerunning the whole backbone.
     """
     if boundary == HEAD_INPUT:
         inputs = keras.Input(model.get_layer(HEAD_INPUT).output.shape[1:], name=f"{boundary}_activations")
@@ -200,8 +226,9 @@ def build_model_from(model: keras.Model, boundary: str, stop_at: str | None = No
         return keras.Model(inputs, x, name=f"from_{boundary}")
     backbone = model.get_layer(blocks.BACKBONE)
     operation = next(op for op in backbone.operations if op.name == boundary)
-    upper = backbones.Backbone(operation.output, backbone.output, name=f"{blocks.BACKBONE}_from_{boundary}",
-                               batchnorm=getattr(backbone, "batchnorm", registry.BN_FROZEN))
+    upper = backbones.pin_mode(
+        keras.Model(operation.output, backbone.output, name=f"{blocks.BACKBONE}_from_{boundary}"),
+        backbones.batchnorm_mode(backbone))
     inputs = keras.Input(operation.output.shape[1:], name=f"{boundary}_activations")
     x = model.get_layer(HEAD_INPUT)(upper(inputs))
     if stop_at != HEAD_INPUT:

@@ -185,6 +185,7 @@ def _cached_stage_data(model, config: Config, strategy, data: Data, cache, bound
     cut = _finetune_cut(model, config, data)
     boundaries = ([cut[1]] if cut else []) + ([classifier.HEAD_INPUT] if config.head_epochs else [])
     extractor = classifier.build_extractor(model, boundaries, cut[0] if cut else None)
+    stored_names = [cut[2] if cut and b == cut[1] else b for b in boundaries]  # Files: classifier.Split.
     preprocess = backbones.get_preprocessing(config.backbone, config.image_size)
     num_classes, batch = data.splits.num_classes, config.batch_size
     orientations = (False,) if config.augment == "none" else (False, True)
@@ -194,7 +195,7 @@ def _cached_stage_data(model, config: Config, strategy, data: Data, cache, bound
             images = pipeline.build_eval_dataset(
                 examples, preprocess, batch, num_classes, flip=flipped, cache=False)
             with signals.defer():
-                stored = cache.get(boundaries, split, flipped, extractor, images, n,
+                stored = cache.get(stored_names, split, flipped, extractor, images, n,
                                    stop_requested=lambda: signals.received)
             arrays[split, flipped] = stored[boundaries.index(boundary)]
     train_labels = cache.labels("train")
@@ -213,7 +214,8 @@ def _cached_stage_data(model, config: Config, strategy, data: Data, cache, bound
 
 
 def _finetune_cut(model, config: Config, data: Data):
-    """Where the one fine-tuning stage can cut the backbone for caching, if the cache is small enough.
+    """(prefix, boundary, stored name) of classifier.find_split, where the one fine-tuning stage can cut
+    the backbone for caching, if the cache is small enough; else None, with the reason logged.
     With gradual unfreezing each stage trains more layers, so a cut for one would not serve the next:
     those stages train on images."""
     points = config.unfreeze_points
@@ -228,7 +230,7 @@ def _finetune_cut(model, config: Config, data: Data):
         logging.info("Fine-tuning trains on images: the backbone cannot be cut below %s: %s.", fine_tune_at,
                      split.reason)
         return None
-    cut = split.prefix, split.boundary
+    cut = split.prefix, split.boundary, split.stored_name
     splits = data.splits
     orientations = 1 if config.augment == "none" else 2
     copies = splits.num_train * orientations + splits.num_validation + splits.num_test

@@ -47,7 +47,7 @@ def build_stages(config: Config) -> list[Stage]:
     if config.head_epochs:
         stages.append(Stage(0, HEAD, None, config.head_epochs, config.head_learning_rate))
     for layer, epochs in config.unfreeze_points:
-        name = UNFREEZE_PREFIX + layer if config.unfreeze_schedule else FINETUNE
+        name = UNFREEZE_PREFIX + layer.replace(":", "_") if config.unfreeze_schedule else FINETUNE
         stages.append(Stage(len(stages), name, layer, epochs, config.finetune_learning_rate))
     return stages
 

@@ -124,7 +124,8 @@ def build(config: Config, num_classes: int, strategy, weights: str) -> keras.Mod
     """The classifier as the flags describe it; call inside strategy.scope()."""
     return classifier.build_classifier(
         config.backbone, config.image_size, num_classes, weights, config.head_units, config.head_batchnorm,
-        config.dropout, matmul_small_convs=distribute.computes_on_cpu(strategy))
+        config.dropout, matmul_small_convs=distribute.computes_on_cpu(strategy),
+        backbone_bn=config.backbone_bn)
 
 
 def _next_stage(config: Config, state: checkpointing.RunState, model: keras.Model | None,
