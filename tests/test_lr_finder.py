@@ -107,9 +107,8 @@ def test_divergence_stops_early_and_the_suggestion_lies_below_it(caplog):
     assert finding.learning_rates[0] <= finding.suggestion < finding.learning_rates[-2]
     assert finding.rule == lr_finder.RULE
     usable = lr_finder.usable_steps(finding.steps_run, finding.stopped_reason)
-    best = finding.learning_rates[int(np.argmin(
-        lr_finder.zero_lag_smooth(finding.learning_rates[:usable], finding.losses[:usable])))]
-    assert finding.suggestion == pytest.approx(best / 10)
+    rate, _ = lr_finder.suggest(finding.learning_rates[:usable], finding.losses[:usable])
+    assert finding.suggestion == pytest.approx(rate)
     assert f"Suggested learning rate {finding.suggestion:.3g}" in caplog.text
 
 
@@ -190,11 +189,32 @@ def test_too_short_curves_are_one_line_errors():
     _one_line_error(error, "Received: steps=9")
 
 
-def test_a_flat_curve_is_suggested_its_first_rate():
+def test_a_rising_curve_is_suggested_its_first_rate():
     rates = np.geomspace(1e-7, 10, 40)
-    losses = 1 + np.linspace(0, 1, 40) ** 2  # Lowest at the start: never fell.
+    losses = 1 + 3 * np.linspace(0, 1, 40)  # Lowest at the start: it only rose.
     suggestion, rule = lr_finder.suggest(rates, losses)
     assert suggestion == pytest.approx(1e-7) and "clamped" in rule
+
+
+def test_a_flat_curve_is_suggested_a_tenth_of_where_it_starts_to_rise():
+    """Fine-tuning a trained model: flat (with noise) up to 1e-3, then diverging. Its lowest point is
+    noise, at the start here; the suggestion comes from where the plateau ends."""
+    rates = np.geomspace(1e-7, 10, 100)
+    noise = np.random.default_rng(0).normal(0, 0.05, 100)
+    losses = 2.1 + noise + np.where(rates > 1e-3, 3 * np.log10(rates / 1e-3), 0.0)
+    losses[:5] -= 0.1  # The lowest losses, at the first steps: noise, not a valley.
+    suggestion, rule = lr_finder.suggest(rates, losses)
+    # Not the first rate (where the noise is lowest), and below a tenth of the rise; the smoothing's
+    # half-decade time constant lets the rise show up to a decade early.
+    assert 1e-6 <= suggestion <= 1e-4 and rule == lr_finder.RULE
+
+
+def test_a_valley_is_suggested_about_a_tenth_of_its_floor():
+    rates = np.geomspace(1e-7, 10, 100)
+    losses = 2.3 - 0.8 * np.exp(-(np.log10(rates / 1e-3) ** 2) / 0.5) + np.where(
+        rates > 1e-2, 2 * np.log10(rates / 1e-2), 0.0)
+    suggestion, _ = lr_finder.suggest(rates, losses)
+    assert 8e-5 <= suggestion <= 2.5e-4
 
 
 def test_schedule_serializes():

@@ -27,6 +27,12 @@ MIN_STEPS = 10
 # the rate (see `suggest`).
 SUGGEST_SMOOTHING_DECADES = 0.5
 RULE = "minimum/10"
+# The minimum is the end of the low plateau: the last rate at which the smoothed loss is within this
+# share of the lowest, or three times the noise of the raw losses about it in the first quarter
+# (rates too low to change anything), whichever is more. On a curve
+# that is flat until it diverges (fine-tuning a trained model) the lowest point is noise anywhere on the
+# plateau; its end is where the loss starts to rise.
+PLATEAU = 0.02
 
 
 @dataclasses.dataclass
@@ -162,7 +168,12 @@ def suggest(learning_rates, losses) -> tuple[float, str]:
     classic minimum/10 read off the lagging average was a decade high, and "steepest descent"
     followed the noise.
 
-    Clamped to the first rate when the minimum lies within a decade of it (the loss never fell).
+    "Lowest" is the end of the low plateau around the minimum (PLATEAU): a curve that is flat until it
+    diverges, as fine-tuning a trained model gives, has its noisy minimum anywhere on the plateau (one
+    at 1e-7 suggested 1e-7 for VGG16 on CIFAR-10), while the plateau's end is where the loss starts to
+    rise. On a curve with a clear valley it moves the suggestion a little right of the valley's floor.
+
+    Clamped to the first rate when that point lies within a decade of it (the loss only rose).
     `learning_rates` and `losses` must be the usable part of the curve: finite, before divergence.
     """
     rates = np.asarray(learning_rates, np.float64)
@@ -170,7 +181,11 @@ def suggest(learning_rates, losses) -> tuple[float, str]:
     if len(rates) < MIN_STEPS or not np.all(np.isfinite(losses)):
         raise errors.UserError(f"Too short an LR range test curve to suggest a rate (it needs {MIN_STEPS} "
                                f"finite losses). Received: steps={len(rates)}")
-    best = rates[int(np.argmin(zero_lag_smooth(rates, losses)))]
+    smooth = zero_lag_smooth(rates, losses)
+    lowest = int(np.argmin(smooth))
+    quiet = max(3, len(rates) // 4)
+    tolerance = max(PLATEAU * abs(smooth[lowest]), 3 * float(np.std((losses - smooth)[:quiet])))
+    best = rates[int(np.flatnonzero(smooth <= smooth[lowest] + tolerance)[-1])]
     if best / 10 < rates[0]:
         logging.warning("The LR range test's loss was lowest at %.3g, within a decade of its first rate: "
                         "the loss did not fall; a lower min_lr would show where it starts to.", best)
