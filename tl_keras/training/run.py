@@ -104,8 +104,8 @@ def set_seeds(seed: int):
     with (0, 0) in Python: with a global seed of 0 and the pipeline's tensor op seeds that is a tensor's
     truth value in graph mode, an error. Another fixed global seed keeps --seed=0 reproducible."""
     keras.utils.set_random_seed(seed)
-    if seed % 2**31 == 0:
-        tf.random.set_seed(2**31 - 1)
+    if seed % (2**31 - 1) == 0:  # What TensorFlow truncates to 0.
+        tf.random.set_seed(2**31 - 2)
 
 
 def restore_classifier(config: Config, strategy, num_classes: int) -> keras.Model:
