@@ -9,11 +9,13 @@ import os
 import subprocess
 import sys
 
+from absl.testing import flagsaver
 import numpy as np
 from PIL import Image
 import pytest
 import tensorflow as tf
 
+from tl_keras import flags as tl_flags
 from tl_keras.data import pipeline
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -184,3 +186,11 @@ def fake_unreadable_folders(monkeypatch, names):
         return real_scandir(path)
 
     monkeypatch.setattr(os, "scandir", scandir)
+
+
+def config_from_flagfile(path):
+    """The Config that --flagfile=PATH alone gives: how flags.txt resumes, evaluates and exports a run."""
+    with flagsaver.flagsaver():
+        tl_flags.FLAGS.unparse_flags()
+        tl_flags.FLAGS(["prog", f"--flagfile={path}"])
+        return tl_flags.get_config()

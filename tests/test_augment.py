@@ -6,7 +6,6 @@ test-time augmentation in evaluation and in the export."""
 import logging
 import os
 
-from absl.testing import flagsaver
 import keras
 import numpy as np
 import pytest
@@ -14,7 +13,6 @@ import tensorflow as tf
 
 from tl_keras import config as config_lib
 from tl_keras import files
-from tl_keras import flags as tl_flags
 from tl_keras.data import augment
 from tl_keras.data import pipeline
 from tl_keras.errors import UserError
@@ -27,7 +25,7 @@ from tl_keras.serving import deploy
 from tl_keras.serving import export as export_lib
 from tl_keras.training import datasets
 
-from helpers import CLASS_NAMES, make_splits
+from helpers import config_from_flagfile, CLASS_NAMES, make_splits
 
 KINDS = ["erasing", "mixup", "cutmix", "mixup,cutmix", "flip_translate,randaugment,erasing,mixup"]
 
@@ -65,10 +63,7 @@ def test_the_new_flags_round_trip_through_flags_txt(make_config, tmp_path):
                          ema_decay=0.999, tta="flip", export_tta=True)
     path = tmp_path / "flags.txt"
     path.write_text(config.to_flagfile())
-    with flagsaver.flagsaver():
-        tl_flags.FLAGS.unparse_flags()
-        tl_flags.FLAGS(["prog", f"--flagfile={path}"])
-        assert tl_flags.get_config() == config
+    assert config_from_flagfile(path) == config
 
 
 @pytest.mark.parametrize("value, reason", [

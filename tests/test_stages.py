@@ -19,7 +19,7 @@ from tl_keras.training import run as train
 from tl_keras.training import schedule
 from tl_keras.training import stages
 
-from helpers import make_splits
+from helpers import config_from_flagfile, make_splits
 
 GRADUAL = "block3_conv1=1,block2_conv1=2,all=1"
 
@@ -87,10 +87,7 @@ def test_flags_txt_of_a_gradual_run_round_trips(make_config, tmp_path):
                          early_stopping_patience=2, stage_lr_schedule="per_stage")
     flagfile = tmp_path / "flags.txt"
     flagfile.write_text(config.to_flagfile())
-    with flagsaver.flagsaver():
-        tl_flags.FLAGS.unparse_flags()
-        tl_flags.FLAGS(["prog", f"--flagfile={flagfile}"])
-        assert tl_flags.get_config() == config
+    assert config_from_flagfile(flagfile) == config
 
 
 @pytest.mark.parametrize("value, shown", [("0", "0.0"), ("-1e-3", "-0.001"), ("fast", "fast")])
