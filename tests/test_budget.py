@@ -128,6 +128,20 @@ def test_setup_time_is_reserved():
     assert quick.steps("finetune") - slow_to_compile.steps("finetune") == pytest.approx(60 / 0.64, abs=10)
 
 
+@pytest.mark.parametrize("tta, export_tta, test_views, export_views", [
+    ("none", False, 1, 1), ("flip", False, 2, 1), ("flip", True, 2, 2)])
+def test_the_plan_pays_for_test_time_augmentation(make_config, tta, export_tta, test_views, export_views):
+    """--tta=flip reads each test image twice at every stage's end; --export_tta also doubles the
+    export's calibration, report and parity passes. The plan must reserve that time."""
+    from types import SimpleNamespace
+    from tl_keras.training import stages
+    config = make_config(tta=tta, export_tta=export_tta, parity_examples=None)
+    data = SimpleNamespace(splits=SimpleNamespace(num_validation=300, num_test=1000))
+    assert stages._evaluated_examples(config, data) == (300, 1000 * test_views)
+    formats = len(stages.exporting.export_formats(config))
+    assert stages._export_examples(config, data) == (300 + 1000 + 1000 * formats) * export_views
+
+
 @pytest.mark.slow
 def test_a_budget_run_plans_follows_and_keeps_its_plan(make_config, caplog, tmp_path):
     """A short real run: the plan is logged and written, a SIGTERM in the last stage stops it, the rerun

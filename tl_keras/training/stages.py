@@ -186,21 +186,33 @@ def _plan(config: Config, strategy, data: datasets.Data, stages: list[Stage], st
     rates = _measure_rates(config, strategy, data, stages)
     validation, test = _evaluated_examples(config, data)
     formats = exporting.export_formats(config)
-    checked = min(test, config.parity_examples) if config.parity_examples else test
-    read = validation + test + checked * len(formats)  # The export's report, then each format's parity.
     plan = budget.make_plan(config.time_budget_seconds, clock(), data.train_steps, config.batch_size,
                             validation, test, rates, [(stage.name, stage.epochs) for stage in stages],
-                            budget.export_seconds(len(formats) - 1, read, rates.inference))
+                            budget.export_seconds(len(formats) - 1, _export_examples(config, data),
+                                                  rates.inference))
     logging.info("%s.", plan.describe())
     _store_plan(plan, config, state, clock)
     return plan
 
 
 def _evaluated_examples(config: Config, data: datasets.Data) -> tuple[int, int]:
-    """(validation, test) examples that one evaluation pass reads: all, or --eval_steps batches."""
-    def capped(n: int) -> int:
-        return min(n, config.eval_steps * config.batch_size) if config.eval_steps else n
-    return capped(data.splits.num_validation), capped(data.splits.num_test)
+    """(validation, test) images that one evaluation pass runs through the model: all, or --eval_steps
+    batches; a stage's test pass runs each image twice with --tta=flip."""
+    views = 2 if evaluation.tta_of(config.tta) else 1
+    return _capped(config, data.splits.num_validation), _capped(config, data.splits.num_test) * views
+
+
+def _export_examples(config: Config, data: datasets.Data) -> int:
+    """Images the export runs through a model: calibration's validation pass, the report's test pass,
+    then each format's parity pass; all of them twice with --export_tta."""
+    test = _capped(config, data.splits.num_test)
+    checked = min(test, config.parity_examples) if config.parity_examples else test
+    read = _capped(config, data.splits.num_validation) + test + checked * len(exporting.export_formats(config))
+    return read * (2 if config.export_tta else 1)
+
+
+def _capped(config: Config, examples: int) -> int:
+    return min(examples, config.eval_steps * config.batch_size) if config.eval_steps else examples
 
 
 def _store_plan(plan: budget.Plan, config: Config, state, clock):
