@@ -206,12 +206,14 @@ class Config:
                 f"--distribution_strategy must be one of {', '.join(STRATEGIES)}",
                 distribution_strategy=self.distribution_strategy,
             )
-        if (problem := registry.check_backbone(self.backbone)) is not None:
+        # --mode=predict reads the export alone: no model code, so no keras_hub either.
+        problem = registry.check_backbone(self.backbone, needs_package=self.mode != "predict")
+        if problem is not None:
             _fail(problem, backbone=self.backbone)
         if self.backbone_bn not in registry.BACKBONE_BN:
             _fail(f"--backbone_bn must be one of {', '.join(registry.BACKBONE_BN)}",
                   backbone_bn=self.backbone_bn)
-        min_size = registry.BACKBONES[self.backbone].min_image_size
+        min_size = registry.min_image_size(self.backbone)
         if self.image_size < min_size:
             _fail(
                 f"--image_size must be at least {min_size} for backbone {self.backbone}",

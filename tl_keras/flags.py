@@ -85,7 +85,9 @@ flags.DEFINE_integer("seed", _DEFAULTS.seed, "Seed for the validation hold-out, 
 flags.DEFINE_string("backbone", _DEFAULTS.backbone,
                     "Any keras.applications image model by its snake_case name (resnet50, efficientnet_v2_s, "
                     "convnext_tiny, ...). --backbone=list prints them all with their parameters and input "
-                    "sizes, and exits. 'tiny' is for tests only.")
+                    "sizes, and exits. 'tiny' is for tests only. hub:PRESET: a KerasHub image backbone "
+                    "preset with its own preprocessing, such as hub:dinov2_small (needs "
+                    "pip install -e \".[hub]\"); --weights=imagenet then means the preset's weights.")
 flags.DEFINE_string("weights", _DEFAULTS.weights,
                     "Backbone weights: imagenet (downloads), none, or a path to a .h5 weights file.")
 flags.DEFINE_enum("backbone_bn", _DEFAULTS.backbone_bn, registry.BACKBONE_BN,

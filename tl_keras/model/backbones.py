@@ -1,4 +1,5 @@
-"""Headless keras.applications backbones, their weights, and their own preprocessing."""
+"""Headless backbones (keras.applications, or KerasHub presets through model/hub.py), their weights, and
+their own preprocessing."""
 
 import importlib
 
@@ -8,12 +9,17 @@ import numpy as np
 import tensorflow as tf
 
 from tl_keras.errors import UserError, first_line
+from tl_keras.model import hub
 from tl_keras.model import matmul_conv
+from tl_keras.model import pooling
 from tl_keras.model import registry
 
 
 def get_preprocess_input(backbone: str):
-    """The backbone's own keras.applications preprocess_input, which its weights expect."""
+    """The backbone's own keras.applications preprocess_input, which its weights expect; for hub:PRESET,
+    the preset's image converter (hub.get_preprocess_input)."""
+    if registry.is_hub(backbone):
+        return hub.get_preprocess_input(registry.hub_preset(backbone))
     module = registry.BACKBONES[backbone].preprocess_module
     return importlib.import_module(f"keras.applications.{module}").preprocess_input
 
@@ -36,8 +42,9 @@ def get_preprocessing(backbone: str, image_size: int):
 def get_inverse_preprocessing(backbone: str):
     """Preprocessed images -> uint8 RGB, so logged inputs look like photos and not like tensors.
 
-    Every keras.applications preprocess_input is affine per pixel (scale, mean, channel order), so
-    four probe pixels determine it exactly, whatever the backbone.
+    Every keras.applications preprocess_input, and every KerasHub image converter's scale and offset, is
+    affine per pixel (scale, mean, channel order), so four probe pixels determine it exactly, whatever
+    the backbone.
     """
     probes = np.array([[[0, 0, 0], [255, 0, 0], [0, 255, 0], [0, 0, 255]]], np.float32)
     out = np.asarray(get_preprocess_input(backbone)(probes.copy()), np.float64)[0]
@@ -90,14 +97,21 @@ def batchnorm_mode(model: keras.Model) -> str:
 def build_backbone(name: str, image_size: int, weights: str = "imagenet",
                    matmul_small_convs: bool = False, batchnorm: str = registry.BN_FROZEN) -> keras.Model:
     """Build a headless backbone named 'backbone', with weights 'imagenet', 'none' or a .h5 path, in
-    the --backbone_bn mode `batchnorm` (pin_mode).
+    the --backbone_bn mode `batchnorm` (pin_mode). For hub:PRESET, 'imagenet' means the preset's own
+    weights, whatever they were trained on.
+
+    Its `pooling` attribute (model/pooling.py) says how the classifier pools its output: the average of
+    a feature map, or a transformer's class token.
 
     matmul_small_convs computes convolutions on maps of 4x4 or less as matmuls (see matmul_conv):
     the same outputs and weights; on CPU those layers train 1.5-3.3x faster at 32 px.
     """
-    spec = registry.BACKBONES[name]
     input_shape = (image_size, image_size, 3)
-    if spec.application is None:
+    pooled_by = pooling.AVERAGE
+    if registry.is_hub(name):
+        preset = registry.hub_preset(name)
+        inputs, outputs, pooled_by = hub.build_backbone(preset, image_size, weights == "imagenet")
+    elif (spec := registry.BACKBONES[name]).application is None:
         inputs, outputs = _tiny_graph(input_shape)
     else:
         application = getattr(keras.applications, spec.application)
@@ -118,6 +132,7 @@ def build_backbone(name: str, image_size: int, weights: str = "imagenet",
             ) from None
         inputs, outputs = built.input, built.output
     backbone = pin_mode(keras.Model(inputs, outputs, name="backbone"), batchnorm)
+    backbone.pooling = pooled_by
     if weights not in ("imagenet", "none"):
         try:
             backbone.load_weights(weights)

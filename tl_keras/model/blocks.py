@@ -34,10 +34,22 @@ stage; the family is recognised by a layer name only it has. Per family, bottom 
     ConvNeXt                   *_stem -> stem; *_stage_K_block_* -> stageK; the downsampling layer
                                before stage K (*_downsampling_block_{K-1}) starts stageK
 
+KerasHub presets (--backbone=hub:PRESET; model/hub.py lays a ViT's or DINOv2's transformer layers out as
+layers of the backbone):
+
+    ViT                        vit_patching_and_embedding (patches, class token, positions) -> embeddings;
+                               transformer_block_1 ... transformer_block_N, a block each; the final
+                               LayerNormalization (ln) joins the last
+    DINOv2                     embeddings -> embeddings; layers_0 ... layers_{N-1}, a block each; the
+                               final layernorm joins the last
+    ResNet (v1, v2, vd)        conv1_* ... (the stem, with pool1) -> stem; stackK_* -> stackK; ResNetV2's
+                               post_bn joins the last
+
 A layer that no rule names (the input, ResNet's pool1_*, EfficientNet's rescaling and normalization,
-auto-named activations) belongs to the block of the layer before it, or to the first block if it comes
-first; in the Inception families, to the block of the next named layer. Layers without weights are
-listed too, but only weighted layers matter to an optimizer or an unfreeze point.
+auto-named activations, a transformer's final norm) belongs to the block of the layer before it, or to
+the first block if it comes first; in the Inception families, to the block of the next named layer.
+Layers without weights are listed too, but only weighted layers matter to an optimizer or an unfreeze
+point.
 """
 
 import dataclasses
@@ -295,8 +307,24 @@ _INCEPTION_RESNET_V2 = _closing_rule(
     (re.compile(r"(conv_7b)(?:_.*)?"), "{0}"),
 )
 
+_VIT = _prefix_rule(
+    (re.compile(r"vit_patching_and_embedding"), "embeddings"),
+    (re.compile(r"(transformer_block_\d+)"), "{0}"),
+)
+_DINOV2 = _prefix_rule(
+    (re.compile(r"(?:.*_)?embeddings"), "embeddings"),  # A named DINOV2Backbone prefixes it with its name.
+    (re.compile(r"(layers_\d+)"), "{0}"),
+)
+_HUB_RESNET = _prefix_rule(
+    (re.compile(r"(?:conv\d+|pool1)_.*"), "stem"),
+    (re.compile(r"(stack\d+)_.*"), "{0}"),
+)
+
 # (a layer name only this family has, its rule), tried in order.
 _FAMILIES = (
+    (lambda names: "vit_patching_and_embedding" in names, _VIT),
+    (lambda names: any(re.fullmatch(r"layers_\d+", n) for n in names), _DINOV2),
+    (lambda names: any(re.fullmatch(r"stack\d+_block\d+_.*", n) for n in names), _HUB_RESNET),
     (lambda names: any(re.fullmatch(r".*_stage_\d+_block_\d+_.*", n) for n in names), _CONVNEXT),
     (lambda names: "mixed0" in names, _INCEPTION_V3),
     (lambda names: "mixed_5b" in names, _INCEPTION_RESNET_V2),

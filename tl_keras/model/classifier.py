@@ -11,9 +11,12 @@ import keras
 from tl_keras.errors import UserError
 from tl_keras.model import backbones
 from tl_keras.model import blocks
+from tl_keras.model import pooling
 from tl_keras.model import registry
 
-HEAD_INPUT = "gap"  # Everything after this layer is the head; its output is what phase 1 caches.
+# The pooling layer (model/pooling.py): everything after it is the head, and its output is what phase 1
+# caches. Named "gap" whatever it pools by (a ViT's class token too), as checkpoints and caches name it.
+HEAD_INPUT = "gap"
 LOGITS = "predictions"  # The final Dense layer: logits. Its name is what checkpoints store it under.
 PROBABILITIES = "probabilities"  # The Softmax over LOGITS: the model's output.
 
@@ -29,8 +32,9 @@ def build_classifier(
     matmul_small_convs: bool = False,
     backbone_bn: str = registry.BN_FROZEN,
 ) -> keras.Model:
-    """Frozen backbone, GAP, then the head: Dense logits named "predictions", then a Softmax, both
-    float32 under mixed precision.
+    """Frozen backbone, pooling, then the head: Dense logits named "predictions", then a Softmax, both
+    float32 under mixed precision. Pooling is GlobalAveragePooling2D for feature maps, and the class
+    token for a transformer's tokens (hub:PRESET ViTs, DINOv2).
 
     backbone_bn (registry.BACKBONE_BN) says whether fine-tuning trains the backbone's BatchNormalization
     layers on batch statistics (backbones.pin_mode); by default the backbone runs in inference mode.
@@ -45,7 +49,7 @@ def build_classifier(
     # fit() overrides this training=False (Keras 3.15): backbones.pin_mode is what keeps the mode. It
     # still holds for any copy without the pin (the export's float32 clone), which only infers.
     x = backbone(inputs, training=False)
-    x = keras.layers.GlobalAveragePooling2D(name=HEAD_INPUT)(x)
+    x = pooling.build_pooling(backbone, HEAD_INPUT)(x)
     if head_batchnorm:
         x = keras.layers.BatchNormalization(name="head_batchnorm")(x)
     for i, units in enumerate(head_units, start=1):
@@ -53,7 +57,8 @@ def build_classifier(
     x = keras.layers.Dropout(dropout, name="head_dropout")(x)
     logits = keras.layers.Dense(num_classes, dtype="float32", name=LOGITS)(x)
     outputs = keras.layers.Softmax(dtype="float32", name=PROBABILITIES)(logits)
-    return keras.Model(inputs, outputs, name=f"{backbone_name}_classifier")
+    # hub:PRESET may be a handle or a path: a model name has no '/'.
+    return keras.Model(inputs, outputs, name=re.sub(r"[^\w.-]+", "_", f"{backbone_name}_classifier"))
 
 
 def head_layers(model: keras.Model) -> list:

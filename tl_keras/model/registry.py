@@ -4,10 +4,14 @@ Every image model of keras.applications (Keras 3.15) has an entry under a snake_
 tests/test_backbones.py compares the registry with keras.applications itself and names what it lacks.
 The parameter counts are those of the headless model (include_top=False; trainable and not), which
 do not depend on the input size; the same test checks them against built models.
+
+KerasHub presets (--backbone=hub:PRESET) are not listed: keras_hub knows them (model/hub.py), and only
+the name's form and whether keras_hub is installed are checked here, without importing it.
 """
 
 import dataclasses
 import difflib
+import importlib.util
 
 # --backbone_bn: how the backbone's BatchNormalization layers behave while fine-tuning.
 # frozen: the backbone always runs in inference mode and BatchNormalization layers never train, as the
@@ -18,6 +22,10 @@ BN_TRAIN = "train"
 BACKBONE_BN = (BN_FROZEN, BN_TRAIN)
 
 LIST = "list"  # --backbone=list prints the registry and exits.
+
+# --backbone=hub:PRESET: a KerasHub image backbone preset (tl_keras/model/hub.py), from an optional extra.
+HUB = "hub:"
+HUB_INSTALL = 'pip install -e ".[hub]" (or pip install "keras-hub>=0.32")'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,13 +173,54 @@ BACKBONES = {
 }
 
 
-def check_backbone(name: str) -> str | None:
-    """None for a registered backbone, else what is wrong with `name`, with the nearest names."""
+def is_hub(name: str) -> bool:
+    """Whether `name` is --backbone=hub:PRESET."""
+    return name.startswith(HUB)
+
+
+def hub_preset(name: str) -> str:
+    """'hub:dinov2_small' -> 'dinov2_small': a KerasHub preset name, handle or directory."""
+    return name[len(HUB):]
+
+
+def hub_installed() -> bool:
+    """Whether keras_hub can be imported; finds it without importing it (nor TensorFlow)."""
+    return importlib.util.find_spec("keras_hub") is not None
+
+
+def check_backbone(name: str, needs_package: bool = True) -> str | None:
+    """None for a registered backbone or hub:PRESET, else what is wrong with `name`, with the nearest
+    names. `needs_package`: hub:PRESET also needs keras_hub installed (not to read an export)."""
+    if is_hub(name):
+        if not hub_preset(name).strip():
+            return "--backbone=hub:PRESET needs a KerasHub preset, such as hub:dinov2_small"
+        if needs_package and not hub_installed():
+            return f"--backbone=hub:PRESET needs KerasHub, an optional extra: {HUB_INSTALL}"
+        return None
     if name in BACKBONES:
         return None
     near = difflib.get_close_matches(name, BACKBONES, n=3, cutoff=0.6)
     hint = f" (did you mean {' or '.join(near)}?)" if near else ""
-    return f"--backbone must be a name that --backbone=list prints{hint}"
+    return f"--backbone must be a name that --backbone=list prints, or hub:PRESET{hint}"
+
+
+def min_image_size(name: str) -> int:
+    """The smallest --image_size the backbone takes; 1 for hub presets, whose build checks the size."""
+    return 1 if is_hub(name) else BACKBONES[name].min_image_size
+
+
+def preprocessing_id(name: str) -> str:
+    """What names the backbone's preprocessing in feature cache keys: the keras.applications module, or
+    for hub presets their own image converter (the preset is in the key as the backbone)."""
+    return "keras_hub_image_converter" if is_hub(name) else BACKBONES[name].preprocess_module
+
+
+def describe_preprocessing(name: str) -> str:
+    """The backbone's preprocessing after resizing, for export metadata."""
+    if is_hub(name):
+        return (f"the image converter of KerasHub preset {hub_preset(name)}: pixels * scale + offset, per "
+                "channel")
+    return f"keras.applications.{BACKBONES[name].preprocess_module}.preprocess_input"
 
 
 def describe() -> str:
@@ -186,7 +235,9 @@ def describe() -> str:
     lines += ["", f"{len(BACKBONES) - 1} keras.applications models, and tiny (for tests only).",
               "Preprocessing:"]
     lines += [f"  {mode:<6} {meaning}" for mode, meaning in PREPROCESSING.items()]
-    lines += ["Stages (--fine_tune_at=top:N): see tl_keras/model/blocks.py."]
+    lines += ["Stages (--fine_tune_at=top:N): see tl_keras/model/blocks.py.",
+              f"{HUB}PRESET: any KerasHub image backbone preset, such as {HUB}dinov2_small "
+              '(pip install -e ".[hub]").']
     return "\n".join(lines) + "\n"
 
 

@@ -213,8 +213,7 @@ def write_format(name: str, deploy_model: keras.Model, directory: str, represent
 
 def preprocessing_description(backbone: str, image_size: int) -> str:
     return (f"inside every artifact: cast to float32, bilinear resize to {image_size}x{image_size} "
-            f"(tf.image.resize), then keras.applications.{registry.BACKBONES[backbone].preprocess_module}"
-            f".preprocess_input")
+            f"(tf.image.resize), then {registry.describe_preprocessing(backbone)}")
 
 
 def build_metadata(names, class_names, backbone: str, image_size: int, temperature: float,

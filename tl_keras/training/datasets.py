@@ -135,7 +135,7 @@ def open_feature_cache(config: Config, data: Data) -> feature_cache.FeatureCache
         dataset=config.dataset, train_split=config.train_split, test_split=config.test_split,
         validation_split=config.validation_split, seed=config.seed, image_size=config.image_size,
         backbone=config.backbone, weights=feature_cache.weights_fingerprint(config.weights),
-        preprocessing=registry.BACKBONES[config.backbone].preprocess_module,
+        preprocessing=registry.preprocessing_id(config.backbone),
         num_train=data.splits.num_train, num_test=data.splits.num_test,
     )
     if config.test_split_fraction:
