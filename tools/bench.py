@@ -8,6 +8,10 @@ convolutions as matmuls (matmul_conv, what training uses on CPU), and float32 ag
 for the forward pass and that step, all in alternating rounds, beside the CPU features that decide
 whether `--mixed_precision=auto` picks bf16.
 Absolute img/s vary a lot on shared machines; the ratios, measured in one process, are the headline.
+
+With --bench_backbones it measures backbones instead, with no dataset: the forward and phase-2 step
+img/s, parameters and peak RSS of each at each of --bench_sizes, each in a process of its own
+(tools/backbone_bench.py), as a Markdown table and JSON.
 """
 
 import os
@@ -23,6 +27,7 @@ from absl import logging
 from tl_keras import files
 from tl_keras import flags
 from tl_keras.errors import UserError
+from tools import backbone_bench
 
 # The benchmark's own flags, beside the trainer's (which give the recipe it measures); defined here so
 # that they stay out of the trainer's --helpfull.
@@ -38,6 +43,19 @@ absl_flags.DEFINE_boolean("bench_plain", True,
 absl_flags.DEFINE_boolean("bench_bf16", True,
                           "Time mixed_bfloat16 beside float32. false leaves the bf16 rows null: without "
                           "oneDNN's bf16 kernels (ONEDNN_MAX_CPU_ISA=AVX2) a bf16 step can take minutes.")
+
+absl_flags.DEFINE_list("bench_backbones", [],
+                       f"Measure these backbones instead (no dataset): names, or {backbone_bench.FAMILIES} "
+                       "for the smallest of each keras.applications family. Each runs in its own process.")
+absl_flags.DEFINE_list("bench_sizes", [backbone_bench.SIZE_MIN, backbone_bench.SIZE_DEFAULT],
+                       f"--bench_backbones: image sides, each {backbone_bench.SIZE_MIN} "
+                       f"({backbone_bench.MIN_SIDE} px, or the backbone's minimum if larger), "
+                       f"{backbone_bench.SIZE_DEFAULT} (its ImageNet weights' size) or a number.")
+absl_flags.DEFINE_integer("bench_batch", 16, "--bench_backbones: the batch of the forward pass and the step.")
+absl_flags.adopt_module_key_flags(backbone_bench)  # --bench_steps, --bench_warmup_steps: listed in -h.
+# Trainer flags the backbone benchmark sets for each child itself (the rest given are passed on).
+_CHILD_SETS = ("model_dir", "backbone", "image_size", "batch_size", "weights", "mixed_precision",
+               "fine_tune_at", "unfreeze_schedule", "finetune_epochs")
 
 # The /proc/cpuinfo flags that bear on bf16; the JSON lists those the CPU has.
 BF16_CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "amx_int8")
@@ -56,7 +74,6 @@ def run_benchmark(config, num_examples: int, plain_epochs: int = 1, phase2_steps
     from tl_keras.model import backbones
     from tl_keras.model import classifier
     from tl_keras.model import matmul_conv
-    from tl_keras.training import distribute
     from tl_keras.training import schedule
     from tl_keras.training import stages
 
@@ -69,13 +86,7 @@ def run_benchmark(config, num_examples: int, plain_epochs: int = 1, phase2_steps
     preprocess = backbones.get_preprocessing(config.backbone, config.image_size)
     results = {"examples": n, "image_size": config.image_size, "backbone": config.backbone,
                "batch_size": config.batch_size, "head_epochs": config.head_epochs}
-    cpu_model, cpu_flags = distribute.cpu_info()
-    max_isa = os.environ.get("ONEDNN_MAX_CPU_ISA") or None
-    results["cpu_model"] = cpu_model
-    results["cpu_flags"] = [flag for flag in BF16_CPU_FLAGS if flag in cpu_flags]
-    results["onednn_max_cpu_isa"] = max_isa
-    results["auto_cpu_precision"], results["auto_cpu_precision_reason"] = distribute.cpu_precision(
-        cpu_flags, max_isa)
+    results.update(describe_cpu())
 
     # The plain recipe's input: every preprocessed image as one numpy array in memory.
     arrays = [(x.numpy(), y.numpy()) for x, y in
@@ -199,6 +210,42 @@ def run_benchmark(config, num_examples: int, plain_epochs: int = 1, phase2_steps
     return results
 
 
+def describe_cpu() -> dict:
+    """The CPU's model, its bf16-related flags, ONEDNN_MAX_CPU_ISA and what --mixed_precision=auto picks."""
+    from tl_keras.training import distribute
+
+    cpu_model, cpu_flags = distribute.cpu_info()
+    max_isa = os.environ.get("ONEDNN_MAX_CPU_ISA") or None
+    precision, reason = distribute.cpu_precision(cpu_flags, max_isa)
+    return {"cpu_model": cpu_model, "cpu_flags": [flag for flag in BF16_CPU_FLAGS if flag in cpu_flags],
+            "onednn_max_cpu_isa": max_isa, "auto_cpu_precision": precision,
+            "auto_cpu_precision_reason": reason}
+
+
+def run_backbones(config) -> str:
+    """--bench_backbones: measure each backbone in a child process; return the table."""
+    flag_values = flags.FLAGS
+    backbones = backbone_bench.parse_backbones(flag_values.bench_backbones)
+    for backbone in backbones:  # Bad sizes fail now, not after the first backbones.
+        backbone_bench.image_sizes(backbone, flag_values.bench_sizes)
+    backbone_bench.check_steps(flag_values.bench_steps, flag_values.bench_warmup_steps)
+    if flag_values.bench_batch < 1:
+        raise UserError(f"--bench_batch must be positive. Received: bench_batch={flag_values.bench_batch}")
+    given = {flag.name for flag in flag_values.get_flags_for_module(flags.__name__) if flag.present}
+    child_flags = [flag_values[name].serialize() for name in sorted(given - set(_CHILD_SETS))]
+    # float32 and the default's stage unless given (block4_conv1, the default, names VGG16's top:2).
+    precision = config.mixed_precision if "mixed_precision" in given else "float32"
+    fine_tune_at = (config.fine_tune_at if given & {"fine_tune_at", "unfreeze_schedule"}
+                    else backbone_bench.DEFAULT_FINE_TUNE_AT)
+    child_flags += [f"--batch_size={flag_values.bench_batch}", "--weights=none",
+                    f"--mixed_precision={precision}", f"--fine_tune_at={fine_tune_at}",
+                    f"--bench_steps={flag_values.bench_steps}",
+                    f"--bench_warmup_steps={flag_values.bench_warmup_steps}"]
+    records = backbone_bench.run_all(backbones, flag_values.bench_sizes, [f for f in child_flags if f],
+                                     flag_values.bench_json, describe_cpu())
+    return backbone_bench.format_table(records)
+
+
 def _phase2_model(config, classes: int, weights, matmul: bool, policy: str):
     """The phase-2 classifier under `policy`; layers take the global policy when they are built."""
     import keras
@@ -295,6 +342,10 @@ def main(argv):
         if flags.FLAGS.bench_examples < 1:
             raise UserError(f"--bench_examples must be positive. Received: bench_examples="
                             f"{flags.FLAGS.bench_examples}")
+        if flags.FLAGS.bench_backbones:
+            logging.info("Backbones:\n%s", run_backbones(config))
+            logging.info("Wrote %s", flags.FLAGS.bench_json)
+            return
         results = run_benchmark(config, flags.FLAGS.bench_examples, flags.FLAGS.bench_plain_epochs,
                                 flags.FLAGS.bench_phase2_steps, flags.FLAGS.bench_plain,
                                 flags.FLAGS.bench_bf16)
