@@ -118,6 +118,22 @@ def test_training_order_is_mixed_not_class_sorted(tmp_path):
     assert labels != sorted(labels)
 
 
+def test_held_out_order_is_mixed_so_a_capped_evaluation_sees_every_class(tmp_path):
+    # --eval_steps and --parity_examples read the first batches only: in class order they would score
+    # the first classes alone.
+    make_image_folder(tmp_path / "carved", {"a": 12, "b": 12, "c": 12}, bad=False)
+    make_image_folder(tmp_path / "presplit" / "train", {"a": 2, "b": 2, "c": 2}, bad=False, seed=1)
+    make_image_folder(tmp_path / "presplit" / "test", {"a": 3, "b": 3, "c": 3}, bad=False, seed=2)
+    carved = folder_dataset.load_folder(str(tmp_path / "carved"), 0.25, 0.25, seed=0)
+    presplit = folder_dataset.load_folder(str(tmp_path / "presplit"), 0.0, 0.0, seed=0)
+    for ds in (carved.validation, carved.test, presplit.test):
+        labels = [label for _, label in _examples(ds)]
+        assert sorted(labels) == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+        assert len(set(labels[:3])) > 1, labels
+    again = folder_dataset.load_folder(str(tmp_path / "presplit"), 0.0, 0.0, seed=0)
+    assert [label for _, label in _examples(again.test)] == [label for _, label in _examples(presplit.test)]
+
+
 def test_no_test_split_scores_on_validation(tmp_path, caplog):
     make_image_folder(tmp_path, {"a": 4, "b": 4}, bad=False)
     splits = folder_dataset.load_folder(str(tmp_path), 0.25, 0.0)

@@ -497,12 +497,12 @@ def _flatten(by_class: dict) -> _Split:
 
 def _build_splits(splits: dict, class_names: list, root: str, seed: int,
                   orientations: dict) -> pipeline.Splits:
-    train = splits["train"]
-    # Class-sorted files would defeat the training pipeline's bounded shuffle buffer: mix them once.
-    order = np.random.default_rng(seed).permutation(len(train.paths))
-    train = _Split([train.paths[i] for i in order], [train.labels[i] for i in order])
-    validation = splits["validation"] if splits["validation"].paths else None
-    test = splits["test"]
+    # Class-sorted files would defeat the training pipeline's bounded shuffle buffer, and would let
+    # --eval_steps and --parity_examples, which read the first batches, score the first classes only.
+    mixed = {name: _mixed(split, seed) for name, split in splits.items()}
+    train = mixed["train"]
+    validation = mixed["validation"] if splits["validation"].paths else None
+    test = validation if splits["test"] is splits["validation"] else mixed["test"]
     counts = {name: np.bincount(s.labels, minlength=len(class_names)) if s else [0] * len(class_names)
               for name, s in (("train", train), ("validation", validation), ("test", test))}
     logging.info("Dataset %s%s: %d train, %d validation, %d test images, %d classes.", PREFIX, root,
@@ -520,6 +520,11 @@ def _build_splits(splits: dict, class_names: list, root: str, seed: int,
         train_class_counts=counts["train"].tolist(),
         fingerprint=_fingerprint({"train": train, "validation": validation, "test": test}),
     )
+
+
+def _mixed(split: _Split, seed: int) -> _Split:
+    order = np.random.default_rng(seed).permutation(len(split.paths))
+    return _Split([split.paths[i] for i in order], [split.labels[i] for i in order])
 
 
 def _dataset(split: _Split, orientations: dict) -> tf.data.Dataset:
