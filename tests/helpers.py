@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 from absl.testing import flagsaver
+import keras
 import numpy as np
 from PIL import Image
 import pytest
@@ -17,6 +18,7 @@ import tensorflow as tf
 
 from tl_keras import flags as tl_flags
 from tl_keras.data import pipeline
+from tl_keras.model import classifier
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(os.path.dirname(REPO), "shared")
@@ -62,6 +64,27 @@ def run_cli(*args, timeout=600):
     env = dict(os.environ, PYTHONPATH=REPO)
     return subprocess.run([sys.executable, "-m", "tl_keras.main", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def run_python(code: str, timeout=120):
+    """`code` in a fresh interpreter: for what a process imports, or does when a module is missing."""
+    return subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=REPO), timeout=timeout)
+
+
+def one_step_on_images_and_on_stored(model, boundary: str, x, stored, y, learning_rate=1e-3):
+    """(start, weights after one step on images `x`, weights after one step of the part above
+    `boundary` on the `stored` activations), both from the same start. The feature cache is right
+    when the last two agree."""
+    start = model.get_weights()
+    for net, inputs in ((model, x), (classifier.build_model_from(model, boundary), stored)):
+        model.set_weights(start)
+        net.compile(optimizer=keras.optimizers.Adam(learning_rate), loss="categorical_crossentropy",
+                    run_eagerly=True)
+        net.train_on_batch(inputs, y)
+        if net is model:
+            on_images = model.get_weights()
+    return start, on_images, model.get_weights()
 
 
 # Class folder names, sorted: a space and a non-ASCII character, and imbalanced counts.

@@ -7,9 +7,6 @@ under the slow mark."""
 
 import importlib
 import inspect
-import os
-import subprocess
-import sys
 
 from absl.testing import flagsaver
 import keras
@@ -17,7 +14,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from helpers import REPO, make_examples, make_splits
+from helpers import make_examples, make_splits, one_step_on_images_and_on_stored, run_python
 from tl_keras import flags as tl_flags
 from tl_keras.errors import UserError
 from tl_keras.model import backbones
@@ -80,8 +77,7 @@ def test_backbone_list_prints_the_registry_and_builds_nothing():
             "except SystemExit as e:\n    assert e.code in (0, None), e.code\n"
             "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('keras', 'tensorflow'))\n"
             "assert not heavy, heavy[:5]\n")
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
-                            env=dict(os.environ, PYTHONPATH=REPO), timeout=120)
+    result = run_python(code)
     assert result.returncode == 0, result.stderr[-2000:]
     lines = result.stdout.splitlines()
     for name, spec in registry.BACKBONES.items():
@@ -332,15 +328,7 @@ def _one_step_cached_and_not(name: str, fine_tune_at: str):
     prefix, boundary = classifier.split_at(model, fine_tune_at)
     images, labels = make_examples(4, seed=2)
     x, y = backbones.get_preprocessing(name, 32)(images), keras.utils.to_categorical(labels, 3)
-    start = model.get_weights()
-    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="categorical_crossentropy", run_eagerly=True)
-    model.train_on_batch(x, y)
-    on_images = model.get_weights()
-    model.set_weights(start)
-    upper = classifier.build_model_from(model, boundary)
-    upper.compile(optimizer=keras.optimizers.Adam(1e-3), loss="categorical_crossentropy", run_eagerly=True)
-    upper.train_on_batch(prefix(x, training=False), y)
-    return boundary, start, on_images, model.get_weights()
+    return boundary, *one_step_on_images_and_on_stored(model, boundary, x, prefix(x, training=False), y)
 
 
 @pytest.mark.parametrize("name, fine_tune_at, boundary", [
@@ -423,16 +411,10 @@ def test_the_head_stage_on_cached_features_takes_the_step_it_takes_on_images():
     model = _classifier("efficientnet_b0", dropout=0.0)
     images, labels = make_examples(4, seed=7)
     x, y = backbones.get_preprocessing("efficientnet_b0", 32)(images), keras.utils.to_categorical(labels, 3)
-    start = model.get_weights()
-    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="categorical_crossentropy", run_eagerly=True)
-    model.train_on_batch(x, y)
-    on_images = model.get_weights()
-    model.set_weights(start)
-    head = classifier.build_model_from(model, classifier.HEAD_INPUT)
-    head.compile(optimizer=keras.optimizers.Adam(1e-2), loss="categorical_crossentropy", run_eagerly=True)
-    head.train_on_batch(classifier.build_feature_extractor(model)([x]), y)
+    start, on_images, on_features = one_step_on_images_and_on_stored(
+        model, classifier.HEAD_INPUT, x, classifier.build_feature_extractor(model)([x]), y, 1e-2)
     assert any(not np.array_equal(a, b) for a, b in zip(start, on_images))
-    for a, b in zip(on_images, model.get_weights()):
+    for a, b in zip(on_images, on_features):
         np.testing.assert_allclose(a, b, atol=1e-6)
 
 

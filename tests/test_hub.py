@@ -8,7 +8,6 @@ test makes kagglehub fail as it fails without a network, and the local-preset te
 Tests that need keras_hub skip without it."""
 
 import os
-import subprocess
 import sys
 
 import keras
@@ -16,7 +15,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from helpers import REPO, make_examples
+from helpers import make_examples, one_step_on_images_and_on_stored, run_python
 from tl_keras.errors import UserError
 from tl_keras.model import backbones
 from tl_keras.model import blocks
@@ -104,8 +103,7 @@ def test_without_keras_hub_the_cli_exits_with_one_line():
     code = ("import sys\nsys.modules['keras_hub'] = None\n"
             "sys.argv = ['tl-keras', '--model_dir=/tmp/unused', '--backbone=hub:dinov2_small']\n"
             "from tl_keras import main\nmain.run()\n")
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
-                            env=dict(os.environ, PYTHONPATH=REPO), timeout=120)
+    result = run_python(code)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
         'tl_keras: error: --backbone=hub:PRESET needs KerasHub, an optional extra: pip install -e ".[hub]" '
@@ -116,8 +114,7 @@ def test_backbone_list_mentions_hub_and_imports_no_keras_hub():
     code = ("import sys\nfrom tl_keras import flags\ntry:\n    flags.parse(['tl-keras', '--backbone=list'])\n"
             "except SystemExit as e:\n    assert e.code in (0, None), e.code\n"
             "assert 'keras_hub' not in sys.modules\n")
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
-                            env=dict(os.environ, PYTHONPATH=REPO), timeout=120)
+    result = run_python(code)
     assert result.returncode == 0, result.stderr[-2000:]
     hub_lines = [line for line in result.stdout.splitlines() if "hub:PRESET" in line]
     assert len(hub_lines) == 1 and "hub:dinov2_small" in hub_lines[0], hub_lines
@@ -250,16 +247,10 @@ def test_the_feature_cache_cuts_a_vit_between_transformer_blocks(tiny_presets):
     assert split.boundary == split.stored_name == "transformer_block_1"
     images, labels = make_examples(4, seed=2)
     x, y = backbones.get_preprocessing("hub:tiny_vit", 32)(images), keras.utils.to_categorical(labels, 3)
-    start = model.get_weights()
-    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="categorical_crossentropy", run_eagerly=True)
-    model.train_on_batch(x, y)
-    on_images = model.get_weights()
-    model.set_weights(start)
-    upper = classifier.build_model_from(model, split.boundary)
-    upper.compile(optimizer=keras.optimizers.Adam(1e-2), loss="categorical_crossentropy", run_eagerly=True)
-    upper.train_on_batch(split.prefix(x), y)
+    start, on_images, on_stored = one_step_on_images_and_on_stored(
+        model, split.boundary, x, split.prefix(x), y, 1e-2)
     assert any(not np.array_equal(a, b) for a, b in zip(start, on_images))
-    for a, b in zip(on_images, model.get_weights()):
+    for a, b in zip(on_images, on_stored):
         np.testing.assert_allclose(a, b, atol=1e-5)
 
 
