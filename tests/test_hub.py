@@ -9,6 +9,7 @@ Tests that need keras_hub skip without it."""
 
 import os
 import sys
+import types
 
 import keras
 import numpy as np
@@ -23,6 +24,7 @@ from tl_keras.model import classifier
 from tl_keras.model import hub
 from tl_keras.model import pooling
 from tl_keras.serving import deploy
+from tl_keras.training import datasets
 from tl_keras.training import optimizers
 from tl_keras.training import run as train
 
@@ -289,6 +291,22 @@ def test_a_local_preset_directory_loads_with_keras_hubs_own_loader(keras_hub, tm
     assert message.startswith(f"Could not build the backbone of KerasHub preset {directory} for 48x48 images")
     assert message.endswith(f"its image converter resizes to 32x32: try --image_size=32. "
                             f"Received: backbone=hub:{directory}")
+
+
+def test_a_changed_local_preset_gets_a_new_feature_cache(keras_hub, make_config, tmp_path):
+    """hub:DIR is named by its path: stored activations of the old weights must not serve new ones."""
+    directory = str(tmp_path / "my_vit")
+    _tiny_vit(keras_hub, 32).save_to_preset(directory)
+    data = types.SimpleNamespace(splits=types.SimpleNamespace(num_train=8, num_test=4, fingerprint=None))
+    config = make_config(backbone=f"hub:{directory}", weights="imagenet")
+
+    def cache_dir():
+        return datasets.open_feature_cache(config, data).directory
+
+    first = cache_dir()
+    assert cache_dir() == first
+    _tiny_vit(keras_hub, 32).save_to_preset(directory)  # Other random weights, same path.
+    assert cache_dir() != first
 
 
 # Both stages and the export.

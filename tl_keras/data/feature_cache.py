@@ -40,14 +40,27 @@ def cache_key(**parts) -> str:
 
 
 def weights_fingerprint(weights: str) -> str:
-    """Named weights as is; a weights file by content, so a replaced file invalidates the cache."""
+    """Named weights as is; a weights file, or a directory of them (a KerasHub preset), by content, so
+    that a replaced file invalidates the cache."""
     if weights in ("imagenet", "none"):
         return weights
     digest = hashlib.sha256()
-    with open(weights, "rb") as f:
+    if not os.path.isdir(weights):
+        _update(digest, weights)
+        return digest.hexdigest()
+    for folder, dirs, names in os.walk(weights):
+        dirs.sort()
+        for name in sorted(names):
+            path = os.path.join(folder, name)
+            digest.update(os.path.relpath(path, weights).encode() + b"\0")
+            _update(digest, path)
+    return digest.hexdigest()
+
+
+def _update(digest, path: str):
+    with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
-    return digest.hexdigest()
 
 
 class FeatureCache:

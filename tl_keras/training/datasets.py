@@ -140,6 +140,9 @@ def open_feature_cache(config: Config, data: Data) -> feature_cache.FeatureCache
     )
     if config.test_split_fraction:
         key["test_split_fraction"] = config.test_split_fraction
+    if registry.is_hub(config.backbone) and os.path.isdir(registry.hub_preset(config.backbone)):
+        # A preset directory is named by its path: its files say which weights it holds.
+        key["preset"] = feature_cache.weights_fingerprint(registry.hub_preset(config.backbone))
     precision = keras.mixed_precision.global_policy().name
     if precision != "float32":  # Stored as float32 either way, but bf16 activations are other values.
         key["precision"] = precision
