@@ -64,6 +64,15 @@ def test_table_has_the_readme_columns_and_a_row_per_failure():
                         "| - | 9,000 MiB |")
 
 
+def test_hub_presets_are_measured_at_the_sizes_given():
+    pytest.importorskip("keras_hub", reason='KerasHub is an optional extra: pip install -e ".[hub]"')
+    assert backbone_bench.parse_backbones(["tiny", "hub:dinov2_small"]) == ["tiny", "hub:dinov2_small"]
+    # A preset's own size is in its image converter, which only a download gives: default is ViT's 224.
+    assert backbone_bench.image_sizes("hub:dinov2_small", ["min", "default", "98"]) == [32, 224, 98]
+    with pytest.raises(UserError, match="needs a KerasHub preset.*Received: bench_backbones=hub:$"):
+        backbone_bench.parse_backbones(["hub:"])
+
+
 @pytest.mark.slow
 def test_two_backbones_each_measured_in_its_own_process(tmp_path):
     out = tmp_path / "backbones.json"
@@ -103,3 +112,22 @@ def test_unknown_backbone_is_one_line():
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
     assert "did you mean resnet50" in lines[0] and lines[0].endswith("Received: bench_backbones=resnet5")
+
+
+@pytest.mark.slow
+def test_a_keras_hub_preset_directory_is_measured(tmp_path):
+    keras_hub = pytest.importorskip("keras_hub", reason='KerasHub is an optional extra: pip install -e ".[hub]"')
+    preset = str(tmp_path / "tiny_vit")
+    keras_hub.models.ViTBackbone(image_shape=(32, 32, 3), patch_size=8, num_layers=2, num_heads=2,
+                                 hidden_dim=16, mlp_dim=32).save_to_preset(preset)
+    keras_hub.layers.ViTImageConverter(image_size=(32, 32), scale=1 / 127.5, offset=-1.0).save_to_preset(preset)
+    out = tmp_path / "backbones.json"
+    result = _bench(f"--bench_backbones=hub:{preset}", "--bench_sizes=32", "--bench_steps=1",
+                    "--bench_warmup_steps=1", f"--bench_json={out}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    [record] = json.loads(out.read_text())["records"]
+    assert record["error"] is None, record["error"]
+    assert (record["backbone"], record["family"], record["image_size"]) == (f"hub:{preset}", "keras_hub", 32)
+    assert record["forward_img_per_s"] > 0 and record["phase2_train_img_per_s"] > 0
+    assert 0 < record["trainable_params"] < record["params"]
+    assert f"| hub:{preset} | keras_hub | " in result.stderr

@@ -20,6 +20,7 @@ flag of the same name; --mixed_precision=auto resolves as in training.
 import difflib
 import json
 import os
+import re
 import resource
 import signal
 import subprocess
@@ -48,6 +49,10 @@ CLASSES = 10  # The head's classes, as CIFAR-10's.
 MIN_SIDE = 32  # --bench_sizes=min: this side, or the backbone's minimum if larger.
 FAMILIES = "families"  # --bench_backbones=families: the smallest backbone of each family.
 SIZE_MIN, SIZE_DEFAULT = "min", "default"
+# hub:PRESET's default size: a preset's own is in its image converter, which only a download gives; 224
+# is ViT's and that of most KerasHub image presets.
+HUB_DEFAULT_SIDE = 224
+HUB_FAMILY = "keras_hub"
 # The trainer's default --fine_tune_at, block4_conv1, names VGG layers; for VGG16 it is top:2, which
 # every backbone has.
 DEFAULT_FINE_TUNE_AT = "top:2"
@@ -72,7 +77,10 @@ def parse_backbones(names) -> list[str]:
     """--bench_backbones: backbone names and `families`, expanded, each once, in order."""
     backbones = []
     for name in names:
-        if name != FAMILIES and name not in registry.BACKBONES:  # hub:PRESET has no sizes to measure at.
+        if registry.is_hub(name):
+            if problem := registry.check_backbone(name):
+                raise UserError(f"{problem}. Received: bench_backbones={name}")
+        elif name != FAMILIES and name not in registry.BACKBONES:
             near = difflib.get_close_matches(name, [FAMILIES, *registry.BACKBONES], n=3, cutoff=0.6)
             hint = f" (did you mean {' or '.join(near)}?)" if near else ""
             raise UserError(f"--bench_backbones takes {FAMILIES} or names that --backbone=list prints{hint}. "
@@ -88,14 +96,15 @@ def parse_backbones(names) -> list[str]:
 
 def image_sizes(backbone: str, sizes) -> list[int]:
     """--bench_sizes for `backbone`: min (MIN_SIDE, raised to the backbone's minimum), default (its
-    ImageNet weights' size) or a number (raised to the minimum too), each once, in order."""
-    spec = registry.BACKBONES[backbone]
+    ImageNet weights' size; HUB_DEFAULT_SIDE for hub presets) or a number (raised to the minimum too),
+    each once, in order."""
     result = []
     for size in sizes:
         if size == SIZE_MIN:
             side = MIN_SIDE
         elif size == SIZE_DEFAULT:
-            side = spec.default_image_size
+            side = (HUB_DEFAULT_SIDE if registry.is_hub(backbone)
+                    else registry.BACKBONES[backbone].default_image_size)
         else:
             try:
                 side = int(size)
@@ -104,12 +113,16 @@ def image_sizes(backbone: str, sizes) -> list[int]:
             if side < 1:
                 raise UserError(f"--bench_sizes takes {SIZE_MIN}, {SIZE_DEFAULT} or positive numbers of "
                                 f"pixels. Received: bench_sizes={size}")
-        side = max(side, spec.min_image_size)
+        side = max(side, registry.min_image_size(backbone))
         if side not in result:
             result.append(side)
     if not result:
         raise UserError(f"--bench_sizes must name at least one size. Received: bench_sizes={','.join(sizes)}")
     return result
+
+
+def family(backbone: str) -> str:
+    return HUB_FAMILY if registry.is_hub(backbone) else registry.BACKBONES[backbone].family
 
 
 def check_steps(steps: int, warmup_steps: int):
@@ -137,7 +150,7 @@ def measure(config, steps: int, warmup_steps: int) -> dict:
     precision = distribute.resolve_precision(config.mixed_precision, strategy)
     keras.mixed_precision.set_global_policy(precision)
     batch = config.batch_size
-    record = {"backbone": config.backbone, "family": registry.BACKBONES[config.backbone].family,
+    record = {"backbone": config.backbone, "family": family(config.backbone),
               "image_size": config.image_size, "batch": batch, "classes": CLASSES, "precision": precision,
               "fine_tune_at": config.fine_tune_at, "backbone_bn": config.backbone_bn,
               "warmup_steps": warmup_steps, "steps": steps}
@@ -226,8 +239,8 @@ def run_all(backbones, sizes, child_flags, json_path: str, cpu: dict) -> list[di
 def _run_child(backbone: str, image_size: int, child_flags, tmp: str) -> dict:
     """One record from `python -m tools.backbone_bench`, or a row with the child's error and the peak RSS
     the kernel reported for it (os.wait4: that child's alone)."""
-    record_path = os.path.join(tmp, f"{backbone}_{image_size}.json")
-    log_path = os.path.join(tmp, f"{backbone}_{image_size}.log")
+    stem = os.path.join(tmp, re.sub(r"[^\w.-]", "_", f"{backbone}_{image_size}"))  # hub:PATH has slashes.
+    record_path, log_path = f"{stem}.json", f"{stem}.log"
     command = [sys.executable, "-m", "tools.backbone_bench", *child_flags, f"--backbone={backbone}",
                f"--image_size={image_size}", f"--bench_record={record_path}"]
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -249,7 +262,7 @@ def _run_child(backbone: str, image_size: int, child_flags, tmp: str) -> dict:
         error = (lines[-1] if lines else f"exit status {returncode}").removeprefix(_ERROR_PREFIX)[:300]
     if lines:
         logging.warning("The end of %s's output:\n%s", backbone, "\n".join(lines[-15:]))
-    return {"backbone": backbone, "family": registry.BACKBONES[backbone].family, "image_size": image_size,
+    return {"backbone": backbone, "family": family(backbone), "image_size": image_size,
             "error": error, "peak_rss_mib": usage.ru_maxrss / 1024, "wall_seconds": wall}
 
 

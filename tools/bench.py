@@ -45,12 +45,14 @@ absl_flags.DEFINE_boolean("bench_bf16", True,
                           "oneDNN's bf16 kernels (ONEDNN_MAX_CPU_ISA=AVX2) a bf16 step can take minutes.")
 
 absl_flags.DEFINE_list("bench_backbones", [],
-                       f"Measure these backbones instead (no dataset): names, or {backbone_bench.FAMILIES} "
-                       "for the smallest of each keras.applications family. Each runs in its own process.")
+                       f"Measure these backbones instead (no dataset): names, hub:PRESET, or "
+                       f"{backbone_bench.FAMILIES} for the smallest of each keras.applications family. "
+                       "Each runs in its own process.")
 absl_flags.DEFINE_list("bench_sizes", [backbone_bench.SIZE_MIN, backbone_bench.SIZE_DEFAULT],
                        f"--bench_backbones: image sides, each {backbone_bench.SIZE_MIN} "
                        f"({backbone_bench.MIN_SIDE} px, or the backbone's minimum if larger), "
-                       f"{backbone_bench.SIZE_DEFAULT} (its ImageNet weights' size) or a number.")
+                       f"{backbone_bench.SIZE_DEFAULT} (its ImageNet weights' size; "
+                       f"{backbone_bench.HUB_DEFAULT_SIDE} for hub:PRESET) or a number.")
 absl_flags.DEFINE_integer("bench_batch", 16, "--bench_backbones: the batch of the forward pass and the step.")
 absl_flags.adopt_module_key_flags(backbone_bench)  # --bench_steps, --bench_warmup_steps: listed in -h.
 # Trainer flags the backbone benchmark sets for each child itself (the rest given are passed on).
