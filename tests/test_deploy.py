@@ -135,6 +135,18 @@ def test_each_format_round_trip_agrees_with_keras(exported, name, size):
         np.testing.assert_allclose(served["probabilities"].sum(1), 1.0, atol=1e-5)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["onnx", "openvino", "tflite_int8", "tflite"])
+def test_each_format_exports_on_its_own(trained_model, tmp_path, name):
+    """Keras's ONNX and OpenVINO exporters refuse a model that was never called: the int8 calibration,
+    which runs before them in a full export, must not be what makes them work."""
+    _needs(name)
+    config = _config(tmp_path / "run", export_formats=(name,), calibrate="false")
+    splits = make_splits(num_train=40, num_test=16)
+    row = exporting.calibrate_and_export(trained_model, config, splits)["parity"][name]
+    assert row["agreement"] >= (INT8_MIN_AGREEMENT if name == "tflite_int8" else 1.0), row
+
+
 def test_int8_tflite_is_quantized_and_takes_raw_uint8_pixels(exported):
     _needs("tflite_int8")
     path = os.path.join(exported[1]["export_path"], formats.FILES["tflite_int8"])
@@ -346,6 +358,27 @@ def test_parity_gate_fails_the_run_naming_the_format_and_leaves_nothing(trained_
     # Without the forcing, the same run exports: the gate failed because of the format.
     monkeypatch.setattr(parity, "load_predictor", load)
     assert exporting.calibrate_and_export(model, config, splits)["parity"]["tflite"]["agreement"] == 1.0
+
+
+def test_an_artifact_that_its_runtime_refuses_is_one_line_and_leaves_nothing(trained_model, tmp_path,
+                                                                             monkeypatch):
+    """As ONNX Runtime refused an ONNX file with an operator ONNX lacks: the run says which format."""
+    config = _config(tmp_path / "run", export_formats=("tflite",))
+    load = parity.load_predictor
+
+    def refuse(name, path):
+        if name == "tflite":
+            raise RuntimeError("[ONNXRuntimeError] : 10 : INVALID_GRAPH : No Op registered for Erfc\nmore")
+        return load(name, path)
+
+    monkeypatch.setattr(parity, "load_predictor", refuse)
+    with pytest.raises(UserError) as raised:
+        exporting.calibrate_and_export(trained_model, config, make_splits(num_train=24, num_test=16))
+    message = str(raised.value)
+    assert message == ("Could not run the tflite export in its own runtime ([ONNXRuntimeError] : 10 : "
+                       "INVALID_GRAPH : No Op registered for Erfc), so nothing was exported (checkpoints and "
+                       "metrics.json are kept). Received: export_formats=saved_model,tflite")
+    assert os.listdir(os.path.join(config.model_dir, "export")) == []
 
 
 def test_check_parity_names_every_failing_format(make_config):

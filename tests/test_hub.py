@@ -24,6 +24,8 @@ from tl_keras.model import classifier
 from tl_keras.model import hub
 from tl_keras.model import pooling
 from tl_keras.serving import deploy
+from tl_keras.serving import formats
+from tl_keras.serving import parity
 from tl_keras.training import datasets
 from tl_keras.training import optimizers
 from tl_keras.training import run as train
@@ -330,3 +332,19 @@ def test_both_stages_on_cached_activations_then_the_export_of_a_tiny_vit(
     model = train.restore_classifier(config, tf.distribute.get_strategy(), 3)
     expected = model(backbones.get_preprocessing("hub:tiny_vit", 32)(images))
     np.testing.assert_allclose(served["probabilities"], expected, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["tiny_vit", "tiny_dinov2"])
+def test_a_keras_hub_backbone_exports_to_every_format_that_agrees(tiny_presets, make_config, tiny_splits, preset):
+    """Attention, GELU, LayerNormalization and the class token through every converter: each artifact,
+    loaded by its own runtime, answers as the Keras model does."""
+    names = tuple(n for n in (formats.TFLITE, formats.ONNX, formats.OPENVINO) if not formats.missing_packages([n]))
+    if not names:
+        pytest.skip(f"no format beyond the SavedModel is installed ({formats.INSTALL_HINT})")
+    config = make_config(backbone=f"hub:{preset}", fine_tune_at="top:1", export_formats=names, calibrate="false")
+    parity_rows = train.run(config, splits=tiny_splits)["parity"]
+    assert set(parity_rows) == {parity.KERAS, formats.SAVED_MODEL, *names}
+    for name, row in parity_rows.items():
+        assert row["agreement"] == 1.0, (name, row)
+        assert row["max_probability_difference"] < 1e-4, (name, row)

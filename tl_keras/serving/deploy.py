@@ -184,9 +184,12 @@ def write_format(name: str, deploy_model: keras.Model, directory: str, represent
     path = os.path.join(directory, formats.FILES[name])
     os.makedirs(os.path.dirname(path), exist_ok=True)
     if name == formats.ONNX:
-        with warnings.catch_warnings():
+        _teach_tf2onnx_erfc()
+        with warnings.catch_warnings(), _tensor_attributes_as_arrays(deploy_model):
             warnings.simplefilter("ignore", FutureWarning)  # Keras's numpy 2 patch of tf2onnx asks np.object.
-            deploy_model.export(path, format="onnx", verbose=False)
+            # The signature given: Keras derives it only from a model that was called once.
+            deploy_model.export(path, format="onnx", verbose=False, input_signature=[
+                tf.TensorSpec([None, None, None, 3], tf.uint8, name=INPUT_NAME)])
     elif name == formats.OPENVINO:
         deploy_model.export(path, format="openvino", verbose=False)
     elif name == formats.TFLITE_INT8:
@@ -209,6 +212,51 @@ def write_format(name: str, deploy_model: keras.Model, directory: str, represent
         raise ValueError(f"write_format writes {', '.join(formats.FILES)} but not the SavedModel "
                          f"(export.write_saved_model does). Received: name={name}")
     logging.info("Wrote %s.", path)
+
+
+@contextlib.contextmanager
+def _tensor_attributes_as_arrays(model: keras.Model):
+    """Constants that a layer makes when it is built and keeps as eager tensors (a KerasHub ViT's
+    position ids) are captured by every traced function as an input of its own, and tf2onnx keeps
+    captures as inputs of the ONNX model, which then needs them fed. As numpy arrays they are
+    constants of the graph. Restored after."""
+    swapped = []
+    for layer in model._flatten_layers(include_self=False, recursive=True):  # pylint: disable=protected-access
+        for name, value in list(vars(layer).items()):
+            if isinstance(value, tf.Tensor) and type(value).__name__ == "EagerTensor":
+                swapped.append((layer, name, value))
+                setattr(layer, name, value.numpy())
+    try:
+        yield
+    finally:
+        for layer, name, value in swapped:
+            setattr(layer, name, value)
+
+
+_ERFC_TAUGHT = []
+
+
+def _teach_tf2onnx_erfc():
+    """Exact GELU (ViT, DINOv2, ConvNeXt's MLPs) runs TF's Erfc, which ONNX has no operator for and
+    tf2onnx leaves as it is (ONNX Runtime then refuses the model): converted here as 1 - Erf, through
+    tf2onnx's own registry of op handlers, since Keras's exporter takes no custom handlers."""
+    if _ERFC_TAUGHT:
+        return
+    from tf2onnx import utils  # pylint: disable=import-outside-toplevel (the deploy extra)
+    from tf2onnx.handler import tf_op  # pylint: disable=import-outside-toplevel
+
+    @tf_op("Erfc")
+    class Erfc:  # pylint: disable=unused-variable (registered by the decorator)
+        @classmethod
+        def version_9(cls, ctx, node, **kwargs):
+            del kwargs
+            dtype = utils.map_onnx_to_numpy_type(ctx.get_dtype(node.input[0]))
+            node.type = "Erf"
+            one = ctx.make_const(utils.make_name(f"{node.name}_one"), np.array(1, dtype))
+            ctx.insert_new_node_on_output("Sub", node.output[0], name=utils.make_name(f"{node.name}_one_minus"),
+                                          inputs=[one.output[0], node.output[0]])
+
+    _ERFC_TAUGHT.append(Erfc)
 
 
 def preprocessing_description(backbone: str, image_size: int) -> str:

@@ -134,7 +134,7 @@ def calibrate_and_export(model: keras.Model, config: Config, splits: pipeline.Sp
         metadata["coverage_accuracy"] = _coverage_points(eval_report["coverage_accuracy"])
         deploy.write_metadata(tmp, metadata)
         rows = [keras_row] + [_parity_row(name, tmp, splits.test, count, served, test_labels,
-                                          config.batch_size) for name in names]
+                                          config.batch_size, names) for name in names]
         files.write_json(os.path.join(tmp, parity.PARITY_FILE), {
             "split": config.test_split, "examples": count, "rows": rows,
             "reference": "the float32 Keras model the artifacts were exported from"})
@@ -202,10 +202,16 @@ def _write_format(name: str, exported: keras.Model, directory: str, representati
 
 
 def _parity_row(name: str, directory: str, test: tf.data.Dataset, count: int, reference: np.ndarray,
-                labels: np.ndarray, batch_size: int) -> dict:
-    predict = parity.load_predictor(name, directory)
-    batches = parity.batches_of(test.take(count).as_numpy_iterator(), batch_size)
-    probabilities, seconds = parity.run(predict, batches)
+                labels: np.ndarray, batch_size: int, names) -> dict:
+    """Format `name` run by its own runtime; an artifact that runtime refuses, as one line."""
+    try:
+        predict = parity.load_predictor(name, directory)
+        batches = parity.batches_of(test.take(count).as_numpy_iterator(), batch_size)
+        probabilities, seconds = parity.run(predict, batches)
+    except Exception as e:  # ONNX Runtime's errors derive from Exception alone.
+        raise UserError(f"Could not run the {name} export in its own runtime ({first_line(e)}), so nothing "
+                        f"was exported (checkpoints and metrics.json are kept). "
+                        f"Received: export_formats={','.join(names)}") from e
     return parity.compare(name, probabilities, labels[:count], reference[:count], seconds,
                           parity.artifact_size(name, directory))
 
