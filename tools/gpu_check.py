@@ -58,7 +58,8 @@ def check(image_size: int = 224, per_replica_batch: int = 64, steps: int = 30,
 
 def main(argv):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    results = {"mixed_float16": check(precision="mixed_float16"), "float32": check(precision="float32")}
+    results = {precision: check(precision=precision, fine_tune_at=FLAGS.fine_tune_at)
+               for precision in ("mixed_float16", "float32")}
     print(json.dumps(results, indent=2))  # The figures are this command's product.
     return 0
 
