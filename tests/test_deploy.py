@@ -499,6 +499,31 @@ def test_a_bf16_run_exports_a_float32_model_with_its_weights():
     assert {k: v.dtype for k, v in outputs.items()} == {"logits": "float32", "probabilities": "float32"}
 
 
+def test_the_float32_copy_makes_one_channel_groups_depthwise():
+    """Keras runs a grouped convolution on CPU through XLA, which tf2onnx cannot convert (ConvNeXt's 7x7
+    convolutions): with one input channel per group it is a DepthwiseConv2D, which every format knows."""
+    images = keras.Input((8, 8, 4))
+    x = keras.layers.Conv2D(4, 3, padding="same", groups=4, name="one_per_group")(images)
+    x = keras.layers.Conv2D(6, 3, groups=2, activation="relu", name="two_per_group")(x)
+    model = keras.Model(images, x)
+    keras.utils.set_random_seed(0)
+    model.set_weights([np.random.default_rng(i).normal(size=w.shape) for i, w in enumerate(model.weights)])
+    copy = deploy.float32_copy(model)
+    assert type(copy.get_layer("one_per_group")) is keras.layers.DepthwiseConv2D
+    assert type(copy.get_layer("two_per_group")) is keras.layers.Conv2D
+    x = np.random.default_rng(9).normal(size=(2, 8, 8, 4)).astype("float32")
+    np.testing.assert_allclose(copy(x), model(x), atol=1e-4)
+
+
+@pytest.mark.slow
+def test_convnext_exports_to_onnx(tmp_path):
+    _needs("onnx")
+    model = classifier.build_classifier("convnext_tiny", 32, 3, "none", head_units=(8,))
+    config = _config(tmp_path / "run", backbone="convnext_tiny", export_formats=("onnx",), calibrate="false")
+    row = exporting.calibrate_and_export(model, config, make_splits(num_train=8, num_test=8))["parity"]["onnx"]
+    assert row["agreement"] == 1.0 and row["max_probability_difference"] < 1e-4, row
+
+
 def test_predict_marks_answers_below_the_threshold_uncertain(exported, tmp_path, capsys):
     export_path = str(tmp_path / "export")
     shutil.copytree(exported[1]["export_path"], export_path)

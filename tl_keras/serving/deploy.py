@@ -74,17 +74,35 @@ def float32_policy():
 
 def float32_copy(model: keras.Model) -> keras.Model:
     """`model` rebuilt with the float32 policy and its weights: what every format is exported from,
-    whatever precision trained it. Layers keep their names; matmul convolutions become plain ones."""
+    whatever precision trained it. Layers keep their names; matmul convolutions become plain ones, and
+    grouped convolutions with one input channel per group (ConvNeXt's) DepthwiseConv2D: Keras runs
+    grouped ones on CPU through XLA, which tf2onnx cannot convert."""
     def to_float32(layer):
         config = layer.get_config()
         if "dtype" in config:
             config["dtype"] = "float32"
+        if _one_channel_groups(layer):
+            return keras.layers.DepthwiseConv2D(
+                config["kernel_size"], config["strides"], config["padding"], depth_multiplier=1,
+                data_format=config["data_format"], dilation_rate=config["dilation_rate"],
+                activation=config["activation"], use_bias=config["use_bias"], name=config["name"],
+                dtype=config["dtype"], trainable=config["trainable"])
         return layer.__class__.from_config(config)
 
     with float32_policy():
         copy = keras.models.clone_model(model, clone_function=to_float32, recursive=True)
-    copy.set_weights(model.get_weights())
+    values = []
+    for value, variable in zip(model.get_weights(), copy.weights):
+        if value.shape != tuple(variable.shape):  # A grouped kernel (h, w, 1, C) as a depthwise one (h, w, C, 1).
+            value = np.swapaxes(value, 2, 3)
+        values.append(value)
+    copy.set_weights(values)
     return copy
+
+
+def _one_channel_groups(layer) -> bool:
+    return (type(layer) is keras.layers.Conv2D and layer.groups > 1 and layer.groups == layer.filters
+            and layer.kernel.shape[2] == 1)
 
 
 def build_deploy_model(model: keras.Model, preprocess, image_size: int,
