@@ -515,8 +515,9 @@ def test_the_float32_copy_makes_one_channel_groups_depthwise():
     np.testing.assert_allclose(copy(x), model(x), atol=1e-4)
 
 
-@pytest.mark.slow
+@pytest.mark.every_backbone
 def test_convnext_exports_to_onnx(tmp_path):
+    """The whole path for a real ConvNeXt (a minute and more; the fast test above checks the layer swap)."""
     _needs("onnx")
     model = classifier.build_classifier("convnext_tiny", 32, 3, "none", head_units=(8,))
     config = _config(tmp_path / "run", backbone="convnext_tiny", export_formats=("onnx",), calibrate="false")
