@@ -8,6 +8,7 @@ float32 policy, so the classifier given must be a float32 copy, even after a bf1
 """
 
 import contextlib
+import functools
 import json
 import os
 import warnings
@@ -251,15 +252,11 @@ def _tensor_attributes_as_arrays(model: keras.Model):
             setattr(layer, name, value)
 
 
-_ERFC_TAUGHT = []
-
-
+@functools.cache  # Once a process: the handler registry is tf2onnx's, global.
 def _teach_tf2onnx_erfc():
     """Exact GELU (ViT, DINOv2, ConvNeXt's MLPs) runs TF's Erfc, which ONNX has no operator for and
     tf2onnx leaves as it is (ONNX Runtime then refuses the model): converted here as 1 - Erf, through
     tf2onnx's own registry of op handlers, since Keras's exporter takes no custom handlers."""
-    if _ERFC_TAUGHT:
-        return
     from tf2onnx import utils  # pylint: disable=import-outside-toplevel (the deploy extra)
     from tf2onnx.handler import tf_op  # pylint: disable=import-outside-toplevel
 
@@ -273,8 +270,6 @@ def _teach_tf2onnx_erfc():
             one = ctx.make_const(utils.make_name(f"{node.name}_one"), np.array(1, dtype))
             ctx.insert_new_node_on_output("Sub", node.output[0], name=utils.make_name(f"{node.name}_one_minus"),
                                           inputs=[one.output[0], node.output[0]])
-
-    _ERFC_TAUGHT.append(Erfc)
 
 
 def preprocessing_description(backbone: str, image_size: int) -> str:
